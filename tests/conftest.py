@@ -1,0 +1,127 @@
+"""Shared fixtures: a database per test (SQLite, or PostgreSQL when
+``TRIAGE_TEST_DATABASE_URL`` is set), a tiny CPU model bundle, and a running app."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+
+from models.bundle import create_network, save_bundle
+from models.preprocess import Preprocessing
+from triage_api import auth
+from triage_api.app import create_app
+from triage_api.db import transaction
+from triage_api.settings import Settings
+
+DATA = Path(__file__).parent / "data"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def shared_data(*parts: str) -> Path:
+    """A path in ../shared/data; skips the test (visibly) when the corpus is absent.
+
+    ``.ci/run`` sets ``TRIAGE_REQUIRE_SHARED=1``: there a missing corpus fails instead.
+    """
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        if os.environ.get("TRIAGE_REQUIRE_SHARED") == "1":
+            pytest.fail(f"{path} is required in CI but missing")
+        pytest.skip(f"needs the shared corpus at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real timm network with seeded random weights at 64 px: plumbing, not accuracy."""
+    torch.manual_seed(0)
+    network = create_network("tf_efficientnet_lite0", num_classes=2)
+    path = tmp_path_factory.mktemp("bundle") / "tiny"
+    save_bundle(
+        path,
+        {
+            "name": "tiny-test",
+            "version": "0.0.1",
+            "architecture": "tf_efficientnet_lite0",
+            "labels": ("normal", "pneumonia"),
+            "positive_label": "pneumonia",
+            "preprocessing": Preprocessing(input_size=64),
+            "thresholds": {"critical": 0.9, "elevated": 0.5},
+            "intended_use": {"summary": "plumbing tests only"},
+        },
+        network.state_dict(),
+    )
+    return path
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> Iterator[str]:
+    url = os.environ.get("TRIAGE_TEST_DATABASE_URL")
+    if not url:
+        yield f"sqlite:///{tmp_path / 'triage.db'}"
+        return
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text("DROP SCHEMA public CASCADE"))
+        connection.execute(text("CREATE SCHEMA public"))
+    admin.dispose()
+    yield url
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str, tiny_bundle: Path) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "var",
+        database_url=database_url,
+        model_path=tiny_bundle,
+        poll_seconds=0.05,
+    )
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+MakeKey = Callable[..., str]
+
+
+@pytest.fixture
+def make_key(client: TestClient) -> MakeKey:
+    """``make_key(role, *clinics) -> bearer key`` for a new user of the running app."""
+    counter = iter(range(1_000_000))
+
+    def make(role: str, *clinics: str) -> str:
+        with transaction(client.app.state.runtime.factory) as session:
+            _, key = auth.add_user(
+                session, name=f"{role}-{next(counter)}", role=auth.Role(role), clinics=list(clinics)
+            )
+        return key
+
+    return make
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def upload(client: TestClient, key: str, data: bytes, name: str = "study.dcm"):  # type: ignore[no-untyped-def]
+    return client.post("/v1/studies", files={"file": (name, data)}, headers=bearer(key))
+
+
+def wait_for(client: TestClient, key: str, case_id: str, timeout: float = 60.0) -> dict:  # type: ignore[type-arg]
+    """Poll a case until it leaves queued/running (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = client.get(f"/v1/studies/{case_id}", headers=bearer(key)).json()
+        if body["status"] not in ("queued", "running"):
+            return body
+        time.sleep(0.05)
+    raise AssertionError(f"case {case_id} still {body['status']} after {timeout}s")

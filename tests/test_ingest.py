@@ -1,0 +1,222 @@
+"""Upload contract: accepted types, idempotency, and every refusal as a precise 4xx."""
+
+from __future__ import annotations
+
+import io
+import struct
+from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from pydicom.data import get_testdata_file
+from sqlalchemy import func, select
+
+from tests.conftest import DATA, MakeKey, bearer, shared_data, upload, wait_for
+from triage_api.tables import Case, Job
+
+
+def count_cases(client: TestClient) -> int:
+    with client.app.state.runtime.factory() as session:
+        return session.execute(select(func.count()).select_from(Case)).scalar_one()
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_dicom_upload_is_queued_then_scored(client: TestClient, make_key: MakeKey) -> None:
+    key = make_key("uploader", "north")
+    response = upload(client, key, (DATA / "cr_chest_pa_jpeg_baseline_siim.dcm").read_bytes())
+    assert response.status_code == 201
+    body = response.json()
+    assert body["status"] == "queued"
+    case = wait_for(client, make_key("radiologist", "north"), body["id"])
+    assert case["status"] == "scored"
+    assert 0.0 <= case["risk"] <= 1.0
+    assert case["model_version"] == "tiny-test@0.0.1"
+    assert case["prediction"]["inference_ms"] > 0
+
+
+def test_png_and_jpeg_uploads_are_scored(client: TestClient, make_key: MakeKey) -> None:
+    key = make_key("uploader", "north")
+    gradient = np.tile(np.linspace(0, 255, 300, dtype=np.uint8), (200, 1))
+    for data, name in (
+        (png_bytes(gradient), "x.png"),
+        ((DATA / "cxr_normal.jpeg").read_bytes(), "x.jpeg"),
+    ):
+        response = upload(client, key, data, name)
+        assert response.status_code == 201, response.text
+        assert wait_for(client, key, response.json()["id"])["status"] == "scored"
+
+
+def test_colour_picture_is_not_analyzed(client: TestClient, make_key: MakeKey) -> None:
+    key = make_key("uploader", "north")
+    rng = np.random.default_rng(0)
+    colour = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    case_id = upload(client, key, png_bytes(colour), "c.png").json()["id"]
+    case = wait_for(client, key, case_id)
+    assert case["status"] == "not_analyzed"
+    assert "colour" in case["reason"]
+    assert case["tier"] == "routine"
+
+
+def test_same_bytes_same_case_under_concurrent_retries(client: TestClient, make_key: MakeKey) -> None:
+    key = make_key("uploader", "north")
+    data = (DATA / "cr_chest_pa_monochrome1_siim.dcm").read_bytes()
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        responses = list(pool.map(lambda _: upload(client, key, data), range(10)))
+    codes = sorted(r.status_code for r in responses)
+    assert codes.count(201) == 1 and codes.count(200) == 9, codes
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert count_cases(client) == 1
+    with client.app.state.runtime.factory() as session:
+        assert session.execute(select(func.count()).select_from(Job)).scalar_one() == 1
+
+
+def test_same_bytes_from_another_clinic_is_another_case(client: TestClient, make_key: MakeKey) -> None:
+    data = (DATA / "dx_thorax_dog_monochrome1.dcm").read_bytes()
+    first = upload(client, make_key("uploader", "north"), data).json()["id"]
+    second = upload(client, make_key("uploader", "south"), data).json()["id"]
+    assert first != second
+
+
+def test_oversized_body_is_413_and_stores_nothing(client: TestClient, make_key: MakeKey) -> None:
+    key = make_key("uploader", "north")
+    limit = client.app.state.runtime.settings.max_upload_bytes
+    response = upload(client, key, b"\0" * (limit + 200_000))
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "body_too_large"
+    assert count_cases(client) == 0
+
+
+def test_lying_content_length_is_413(client: TestClient, make_key: MakeKey) -> None:
+    key = make_key("uploader", "north")
+    limit = client.app.state.runtime.settings.max_upload_bytes
+    chunks = (b"x" * 1_000_000 for _ in range(limit // 1_000_000 + 2))
+    response = client.post(
+        "/v1/studies",
+        content=chunks,
+        headers={**bearer(key), "Content-Type": "multipart/form-data; boundary=b"},
+    )
+    assert response.status_code == 413
+    assert count_cases(client) == 0
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"GIF89a" + b"\0" * 200, b"%PDF-1.4" + b"\0" * 200, b"", b"\0" * 128 + b"DICX" + b"\0" * 64],
+    ids=["gif", "pdf", "empty", "no-dicm"],
+)
+def test_wrong_type_is_415(client: TestClient, make_key: MakeKey, data: bytes) -> None:
+    response = upload(client, make_key("uploader", "north"), data)
+    assert response.status_code == 415
+    assert response.json()["error"]["code"] == "unsupported_media_type"
+    assert count_cases(client) == 0
+
+
+def dicom_header_declaring(rows: int, columns: int) -> bytes:
+    """A small Part-10 file whose header declares ``rows`` x ``columns`` 16-bit pixels."""
+    def element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+        if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
+            return struct.pack("<HH", group, elem) + vr + b"\0\0" + struct.pack("<I", len(value)) + value
+        return struct.pack("<HH", group, elem) + vr + struct.pack("<H", len(value)) + value
+
+    ts = b"1.2.840.10008.1.2.1\0"
+    meta_body = element(0x0002, 0x0001, b"OB", b"\0\1") + element(0x0002, 0x0010, b"UI", ts)
+    meta = element(0x0002, 0x0000, b"UL", struct.pack("<I", len(meta_body))) + meta_body
+    body = (
+        element(0x0008, 0x0060, b"CS", b"CR")
+        + element(0x0028, 0x0002, b"US", struct.pack("<H", 1))
+        + element(0x0028, 0x0010, b"US", struct.pack("<H", rows))
+        + element(0x0028, 0x0011, b"US", struct.pack("<H", columns))
+        + element(0x0028, 0x0100, b"US", struct.pack("<H", 16))
+        + element(0x7FE0, 0x0010, b"OW", b"\0" * 16)
+    )
+    return b"\0" * 128 + b"DICM" + meta + body
+
+
+def test_pixel_bomb_header_is_422_without_allocating(client: TestClient, make_key: MakeKey) -> None:
+    data = dicom_header_declaring(65535, 65535)
+    assert len(data) < 1024
+    response = upload(client, make_key("uploader", "north"), data)
+    assert response.status_code == 422
+    assert "over the limit" in response.json()["error"]["message"]
+    assert count_cases(client) == 0
+
+
+def test_png_bomb_is_422(client: TestClient, make_key: MakeKey) -> None:
+    # A 1-bit 40000 x 40000 PNG compresses to a few hundred KB but decodes to 1.6 GB.
+    buffer = io.BytesIO()
+    Image.new("1", (40000, 40000)).save(buffer, format="PNG")
+    response = upload(client, make_key("uploader", "north"), buffer.getvalue(), "bomb.png")
+    assert response.status_code == 422
+    assert count_cases(client) == 0
+
+
+@pytest.mark.parametrize(
+    "name", ["rtplan.dcm", "MR_truncated.dcm", "ExplVR_BigEndNoMeta.dcm", "badVR.dcm", "UN_sequence.dcm"]
+)
+def test_broken_pydicom_files_never_500(client: TestClient, make_key: MakeKey, name: str) -> None:
+    key = make_key("uploader", "north")
+    path = get_testdata_file(name, download=False)
+    assert path is not None
+    data = Path(path).read_bytes()
+    response = upload(client, key, data)
+    assert response.status_code in (201, 415, 422), response.text
+    if response.status_code == 201:
+        assert wait_for(client, key, response.json()["id"])["status"] in ("failed", "not_analyzed")
+    else:
+        assert set(response.json()["error"]) == {"code", "message"}
+
+
+def test_truncated_dicom_mutations_never_500(client: TestClient, make_key: MakeKey) -> None:
+    key = make_key("uploader", "north")
+    data = (DATA / "dx_thorax_dog_monochrome1.dcm").read_bytes()
+    rng = np.random.default_rng(7)
+    for cut in sorted(set(rng.integers(132, len(data), 40).tolist())):
+        response = upload(client, key, data[:cut])
+        assert response.status_code in (200, 201, 422), (cut, response.status_code)
+    for _ in range(40):
+        mutated = bytearray(data)
+        for position in rng.integers(132, 2000, 8):
+            mutated[position] = int(rng.integers(0, 256))
+        response = upload(client, key, bytes(mutated))
+        assert response.status_code in (200, 201, 422), response.status_code
+
+
+def test_missing_file_field_is_422_json(client: TestClient, make_key: MakeKey) -> None:
+    response = client.post(
+        "/v1/studies", data={"other": "x"}, headers=bearer(make_key("uploader", "north"))
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "invalid_request"
+
+
+@pytest.mark.parametrize(
+    "folder,statuses",
+    [
+        ("chest", {"scored"}),
+        ("other-bodypart", {"not_analyzed"}),
+        ("non-radiograph", {"not_analyzed"}),
+        ("malformed", {"failed"}),
+    ],
+)
+def test_shared_dicom_corpus(client: TestClient, make_key: MakeKey, folder: str, statuses: set[str]) -> None:
+    directory = shared_data("dicom", folder)
+    key = make_key("uploader", "north")
+    for path in sorted(directory.glob("*.dcm")):
+        response = upload(client, key, path.read_bytes())
+        assert response.status_code in (201, 422), (path.name, response.text)
+        if response.status_code == 201:
+            case = wait_for(client, key, response.json()["id"], timeout=120)
+            assert case["status"] in statuses, (path.name, case)
+            if case["status"] != "scored":
+                assert case["reason"], path.name
+                assert case["tier"] == "routine"
+        else:
+            assert folder == "malformed", path.name

@@ -1,0 +1,307 @@
+"""The FastAPI application: ``create_app(settings)`` builds everything in its lifespan."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, File, Header, Query, Request, UploadFile
+from fastapi.responses import JSONResponse
+from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from audit.log import EventCode, record
+from models.bundle import load_bundle
+from triage_api import auth, cases, ingest
+from triage_api.auth import Principal, Role
+from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
+from triage_api.errors import Conflict, NotFound, error_body, install_handlers
+from triage_api.schemas import (
+    CaseRead,
+    KeyRevoked,
+    PredictionRead,
+    StudyCreated,
+    UserCreate,
+    UserCreated,
+    WorklistItem,
+)
+from triage_api.settings import Settings
+from triage_api.tables import Case, Prediction, User
+from triage_api.worker import Worker
+
+log = logging.getLogger("triage")
+
+MULTIPART_OVERHEAD = 64 * 1024
+
+
+class BodyLimit:
+    """Answer 413 for bodies over ``limit`` bytes: at once if Content-Length says so, and
+    while streaming if the client lies or sends chunks."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            response = JSONResponse(
+                error_body("body_too_large", f"request body over {self.limit} bytes"), status_code=413
+            )
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise StarletteHTTPException(413, f"request body over {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+@dataclass
+class Runtime:
+    """What the lifespan builds; routes reach it through ``request.app.state.runtime``."""
+
+    settings: Settings
+    engine: Engine
+    factory: sessionmaker[Session]
+    pseudonym_key: bytes
+
+
+def read_or_create_secret(path: Path, size: int = 32) -> bytes:
+    """A site secret kept outside the database, created once with mode 0600."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes()
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(secrets.token_bytes(size))
+        fh.flush()
+        os.fsync(fh.fileno())
+    return path.read_bytes()
+
+
+def bootstrap_admin(factory: sessionmaker[Session]) -> str | None:
+    """On an empty database, create the first admin and return its key (printed once)."""
+    try:
+        with transaction(factory) as session:
+            if session.execute(select(func.count()).select_from(User)).scalar_one():
+                return None
+            user, key = auth.add_user(session, name="admin", role=Role.ADMIN, clinics=[])
+            record(
+                session,
+                actor="system",
+                action="user.create",
+                code=EventCode.SECURITY_ALERT,
+                object_type="user",
+                object_id=str(user.id),
+                details={"role": "admin", "bootstrap": True},
+            )
+            return key
+    except IntegrityError:  # another process bootstrapped at the same moment
+        return None
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the app. Nothing touches disk, database or model until the lifespan starts."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ingest.quiet_pydicom()
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        engine = make_engine(settings.sqlalchemy_url)
+        migrate(engine)
+        factory = make_sessionmaker(engine)
+        key = bootstrap_admin(factory)
+        if key is not None:
+            print(f"Created the first admin. Its API key, shown once:\n{key}", flush=True)
+        app.state.runtime = Runtime(
+            settings, engine, factory, read_or_create_secret(settings.secret_dir / "pseudonym.key")
+        )
+        stop = threading.Event()
+        thread = None
+        if settings.run_worker:
+            worker = Worker(factory, settings, load_bundle(settings.model_path, settings.device))
+            thread = threading.Thread(target=worker.run, args=(stop,), name="triage-worker", daemon=True)
+            thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            if thread is not None:
+                thread.join(timeout=30)
+            engine.dispose()
+
+    app = FastAPI(
+        title="Triage",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None,  # Swagger UI loads from a CDN; sites are offline
+        redoc_url=None,
+    )
+    install_handlers(app)
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)
+    _routes(app)
+    return app
+
+
+def _runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(_runtime)]
+
+
+def _principal(runtime: RuntimeDep, authorization: Annotated[str | None, Header()] = None) -> Principal:
+    if not authorization or not authorization.startswith("Bearer "):
+        raise auth.NotAuthenticated("missing bearer API key")
+    with runtime.factory() as session:
+        return auth.authenticate(session, authorization.removeprefix("Bearer ").strip())
+
+
+CurrentPrincipal = Annotated[Principal, Depends(_principal)]
+
+
+def _item(case: Case) -> dict[str, Any]:
+    return {
+        "id": case.id,
+        "clinic_id": case.clinic_id,
+        "status": case.status,
+        "reason": case.reason,
+        "risk": case.risk,
+        "tier": case.tier,
+        "deadline": case.deadline,
+        "waited_seconds": round(cases.waited_seconds(case), 3),
+        "model_version": case.model_ref,
+    }
+
+
+def _case_read(case: Case, prediction: Prediction | None) -> CaseRead:
+    return CaseRead(
+        **_item(case),
+        media_type=case.media_type,
+        modality=case.modality,
+        body_part=case.body_part,
+        received_at=case.received_at,
+        prediction=PredictionRead.model_validate(prediction, from_attributes=True) if prediction else None,
+    )
+
+
+def _routes(app: FastAPI) -> None:
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post(
+        "/v1/studies",
+        response_model=StudyCreated,
+        status_code=201,
+        responses={200: {"model": StudyCreated, "description": "The same bytes were uploaded before"}},
+    )
+    def upload_study(runtime: RuntimeDep, principal: CurrentPrincipal, file: UploadFile = File()) -> Any:
+        """Upload one study (DICOM Part 10, PNG or JPEG) for scoring."""
+        limit = runtime.settings.max_upload_bytes
+        data = file.file.read(limit + 1)
+        if len(data) > limit:
+            raise StarletteHTTPException(413, f"file over {limit} bytes")
+        case, created = ingest.accept_study(
+            runtime.factory,
+            principal=principal,
+            data=data,
+            settings=runtime.settings,
+            pseudonym_key=runtime.pseudonym_key,
+        )
+        body = StudyCreated(
+            id=case.id,
+            status=case.status,
+            sha256=case.sha256,
+            received_at=case.received_at,
+            deadline=case.deadline,
+        )
+        return JSONResponse(body.model_dump(mode="json"), status_code=201 if created else 200)
+
+    @app.get("/v1/studies/{case_id}", response_model=CaseRead)
+    def get_study(runtime: RuntimeDep, principal: CurrentPrincipal, case_id: str) -> CaseRead:
+        """One case with its current prediction."""
+        with transaction(runtime.factory) as session:
+            case, prediction = cases.read_case(session, principal=principal, case_id=case_id)
+            return _case_read(case, prediction)
+
+    @app.get("/v1/worklist", response_model=list[WorklistItem])
+    def get_worklist(
+        runtime: RuntimeDep,
+        principal: CurrentPrincipal,
+        status: Annotated[
+            str | None, Query(pattern="^(queued|running|scored|not_analyzed|failed)$")
+        ] = None,
+        tier: Annotated[str | None, Query(pattern="^(critical|elevated|routine)$")] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 100,
+        offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    ) -> list[WorklistItem]:
+        """The caller's cases, earliest reading deadline first."""
+        with transaction(runtime.factory) as session:
+            rows = cases.worklist(
+                session, principal=principal, status=status, tier=tier, limit=limit, offset=offset
+            )
+            return [WorklistItem(**_item(case)) for case in rows]
+
+    @app.post("/v1/users", response_model=UserCreated, status_code=201)
+    def create_user(runtime: RuntimeDep, principal: CurrentPrincipal, body: UserCreate) -> UserCreated:
+        """Create a user (and clinics it names) with a first API key, shown once."""
+        principal.require(Role.ADMIN)
+        try:
+            with transaction(runtime.factory) as session:
+                user, key = auth.add_user(session, name=body.name, role=body.role, clinics=body.clinics)
+                record(
+                    session,
+                    actor=principal.actor,
+                    action="user.create",
+                    code=EventCode.SECURITY_ALERT,
+                    object_type="user",
+                    object_id=str(user.id),
+                    details={"role": body.role.value, "clinics": body.clinics},
+                )
+                return UserCreated(
+                    id=user.id, name=user.name, role=body.role, clinics=body.clinics, api_key=key
+                )
+        except IntegrityError:
+            raise Conflict("a user with that name exists") from None
+
+    @app.delete("/v1/keys/{prefix}", response_model=KeyRevoked)
+    def revoke_key(runtime: RuntimeDep, principal: CurrentPrincipal, prefix: str) -> KeyRevoked:
+        """Revoke an API key by its public prefix."""
+        principal.require(Role.ADMIN)
+        with transaction(runtime.factory) as session:
+            key = auth.revoke_key(session, prefix)
+            if key is None or key.revoked_at is None:
+                raise NotFound("no such key")
+            record(
+                session,
+                actor=principal.actor,
+                action="key.revoke",
+                code=EventCode.SECURITY_ALERT,
+                object_type="api_key",
+                object_id=prefix,
+            )
+            return KeyRevoked(prefix=prefix, revoked_at=key.revoked_at)
+

@@ -1,0 +1,135 @@
+"""The ``triage`` command: serve, worker, users, migrate (and the model commands)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from audit.log import EventCode, record
+from triage_api import auth
+from triage_api.ingest import quiet_pydicom
+from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
+from triage_api.settings import Settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from triage_api.app import create_app
+
+    run_worker = None if args.workers is None else args.workers > 0
+    overrides = {"host": args.host, "port": args.port, "run_worker": run_worker}
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from models.bundle import load_bundle
+    from triage_api.worker import Worker
+
+    quiet_pydicom()
+    settings = Settings(**({"device": args.device} if args.device else {}))
+    engine = make_engine(settings.sqlalchemy_url)
+    migrate(engine)
+    worker = Worker(make_sessionmaker(engine), settings, load_bundle(settings.model_path, settings.device))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    worker.run(stop)
+    engine.dispose()
+    return 0
+
+
+def _migrate(_args: argparse.Namespace) -> int:
+    settings = Settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    migrate(make_engine(settings.sqlalchemy_url))
+    return 0
+
+
+def _users_add(args: argparse.Namespace) -> int:
+    settings = Settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.sqlalchemy_url)
+    migrate(engine)
+    with transaction(make_sessionmaker(engine)) as session:
+        user, key = auth.add_user(session, name=args.name, role=auth.Role(args.role), clinics=args.clinic)
+        record(
+            session,
+            actor="cli",
+            action="user.create",
+            code=EventCode.SECURITY_ALERT,
+            object_type="user",
+            object_id=str(user.id),
+            details={"role": args.role, "clinics": args.clinic},
+        )
+    print(key)
+    return 0
+
+
+def _users_revoke(args: argparse.Namespace) -> int:
+    settings = Settings()
+    engine = make_engine(settings.sqlalchemy_url)
+    with transaction(make_sessionmaker(engine)) as session:
+        key = auth.revoke_key(session, args.prefix)
+        if key is None:
+            print(f"no key with prefix {args.prefix}", file=sys.stderr)
+            return 1
+        record(
+            session,
+            actor="cli",
+            action="key.revoke",
+            code=EventCode.SECURITY_ALERT,
+            object_type="api_key",
+            object_id=args.prefix,
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="triage", description="On-premise AI triage for medical imaging.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the API (and, by default, one in-process worker)")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--workers", type=int, default=None, choices=(0, 1), help="in-process workers (default 1)")
+    serve.set_defaults(func=_serve)
+
+    worker = commands.add_parser("worker", help="run a scoring worker against the shared database")
+    worker.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0")
+    worker.set_defaults(func=_worker)
+
+    commands.add_parser("migrate", help="bring the database schema up to date").set_defaults(func=_migrate)
+
+    users = commands.add_parser("users", help="manage users and API keys").add_subparsers(
+        dest="users_command", required=True
+    )
+    add = users.add_parser("add", help="create a user and print its API key once")
+    add.add_argument("--name", required=True)
+    add.add_argument("--role", required=True, choices=[r.value for r in auth.Role])
+    add.add_argument("--clinic", action="append", default=[], help="clinic name; repeat for several")
+    add.set_defaults(func=_users_add)
+    revoke = users.add_parser("revoke", help="revoke an API key by its prefix")
+    revoke.add_argument("prefix")
+    revoke.set_defaults(func=_users_revoke)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except auth.NotPermitted as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Service settings, read from ``TRIAGE_*`` environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "models" / "bundles" / "cxr-pneumonia-lite0"
+
+
+class Settings(BaseSettings):
+    """Everything a site can configure. Nothing here is read at import time."""
+
+    model_config = SettingsConfigDict(env_prefix="TRIAGE_", extra="forbid")
+
+    data_dir: Path = Path("./var")
+    database_url: str | None = None
+    """SQLAlchemy URL; empty means SQLite at ``<data_dir>/triage.db``."""
+    model_path: Path = DEFAULT_BUNDLE
+    device: str = "cpu"
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    max_upload_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    """Largest request body accepted by ``POST /v1/studies``."""
+    max_decoded_bytes: int = Field(256 * 1024 * 1024, gt=0)
+    """Pixel budget: Rows x Columns x Frames x Samples x bytes per sample, from the header."""
+
+    run_worker: bool = True
+    """Run the scoring worker inside the API process (the embedded default)."""
+    lease_seconds: float = Field(120.0, gt=0)
+    poll_seconds: float = Field(0.5, gt=0)
+    max_attempts: int = Field(3, ge=1)
+
+    sla_critical_minutes: float = Field(30, gt=0)
+    sla_elevated_minutes: float = Field(240, gt=0)
+    sla_routine_minutes: float = Field(1440, gt=0)
+
+    @model_validator(mode="after")
+    def _slas_ordered(self) -> Settings:
+        if not self.sla_critical_minutes <= self.sla_elevated_minutes <= self.sla_routine_minutes:
+            raise ValueError("SLAs must satisfy critical <= elevated <= routine")
+        return self
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def secret_dir(self) -> Path:
+        return self.data_dir / "secrets"
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'triage.db').resolve()}"

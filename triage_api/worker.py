@@ -1,0 +1,239 @@
+"""The scoring worker: claim a job under a lease, score it, write the result fenced.
+
+The same code runs in the API process (the embedded default) and, later, as separate
+``triage worker`` processes. A worker that dies mid-job loses nothing: its lease expires
+and another worker claims the job again; a late write from the dead attempt is discarded
+because the result is fenced by the attempt number.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from audit.log import EventCode, Outcome, record
+from models.bundle import Bundle, ModelCard
+from models.preprocess import (
+    DecodeError,
+    decode_dicom,
+    gray_from_dicom,
+    gray_from_image,
+    is_grey,
+    open_picture,
+    to_input,
+)
+from triage_api.db import transaction
+from triage_api.ingest import DICOM, blob_path
+from triage_api.settings import Settings
+from triage_api.tables import Case, Job, Prediction
+
+log = logging.getLogger("triage.worker")
+
+
+@dataclass(frozen=True)
+class Claim:
+    job_id: int
+    case_id: str
+    attempt: int
+    sha256: str
+    media_type: str
+
+
+@dataclass(frozen=True)
+class Result:
+    status: str  # scored | not_analyzed | failed
+    reason: str | None = None
+    risk: float | None = None
+    inference_ms: float | None = None
+
+
+class NotForModel(Exception):
+    """The study is outside the model's intended use; the message says why."""
+
+
+def tier_of(risk: float, card: ModelCard) -> str:
+    if risk >= card.thresholds.critical:
+        return "critical"
+    if risk >= card.thresholds.elevated:
+        return "elevated"
+    return "routine"
+
+
+def sla(tier: str, settings: Settings) -> timedelta:
+    minutes = {
+        "critical": settings.sla_critical_minutes,
+        "elevated": settings.sla_elevated_minutes,
+    }.get(tier, settings.sla_routine_minutes)
+    return timedelta(minutes=minutes)
+
+
+def model_input(data: bytes, media_type: str, card: ModelCard) -> np.ndarray:
+    """Decode and gate a stored study, and return the ``(3, S, S)`` model input.
+
+    Raises:
+        NotForModel: the header (or picture) says the model is not for this study.
+        DecodeError: the pixels cannot be decoded.
+    """
+    pre = card.preprocessing
+    use = card.intended_use
+    if media_type != DICOM:
+        image = open_picture(data)
+        if not is_grey(image):
+            raise NotForModel("colour picture; the model reads greyscale radiographs")
+        return to_input(gray_from_image(image, pre), pre)
+
+    ds, pixels = decode_dicom(data)
+    modality = str(ds.get("Modality", "")).strip().upper()
+    if modality not in use.modalities:
+        raise NotForModel(f"modality {modality or 'missing'} is outside the model's intended use")
+    body_part = str(ds.get("BodyPartExamined", "")).strip().upper()
+    if body_part not in use.body_parts:
+        raise NotForModel(f"body part {body_part or 'missing'} is outside the model's intended use")
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        raise NotForModel("multi-frame image; the model reads single radiographs")
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise NotForModel("colour image; the model reads greyscale radiographs")
+    try:
+        gray = gray_from_dicom(ds, pixels, pre)
+    except (ValueError, TypeError) as exc:
+        raise DecodeError(f"cannot window DICOM pixels ({type(exc).__name__})") from None
+    return to_input(gray, pre)
+
+
+class Worker:
+    """Claims and scores jobs one at a time against the shared database and blob store."""
+
+    def __init__(self, factory: sessionmaker[Session], settings: Settings, bundle: Bundle) -> None:
+        self.factory = factory
+        self.settings = settings
+        self.bundle = bundle
+        self.name = f"worker:{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+    def claim(self) -> Claim | None:
+        """Take the oldest queued job, or one whose lease expired. Commits at once."""
+        now = datetime.now(timezone.utc)
+        with transaction(self.factory) as session:
+            query = (
+                select(Job)
+                .where(
+                    or_(
+                        Job.status == "queued",
+                        and_(Job.status == "running", Job.lease_until < now),
+                    )
+                )
+                .order_by(Job.id)
+                .limit(1)
+            )
+            if session.get_bind().dialect.name == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            job = session.execute(query).scalar_one_or_none()
+            if job is None:
+                return None
+            case = session.get_one(Case, job.case_id)
+            job.attempts += 1
+            if job.attempts > self.settings.max_attempts:
+                job.status, job.lease_until = "dead", None
+                case.status = "failed"
+                case.reason = f"scoring gave up after {self.settings.max_attempts} attempts"
+                self._audit(session, case, "study.score.failed", Outcome.SERIOUS_FAILURE)
+                return None
+            job.status, job.worker = "running", self.name
+            job.lease_until = now + timedelta(seconds=self.settings.lease_seconds)
+            case.status = "running"
+            self._audit(session, case, "study.score.start", details={"attempt": job.attempts})
+            return Claim(job.id, case.id, job.attempts, case.sha256, case.media_type)
+
+    def score(self, claim: Claim) -> Result:
+        """Decode, gate and score one claimed study. Never raises for bad pixels."""
+        data = blob_path(self.settings.blob_dir, claim.sha256).read_bytes()
+        try:
+            batch = model_input(data, claim.media_type, self.bundle.card)[None]
+        except NotForModel as exc:
+            return Result("not_analyzed", reason=str(exc))
+        except DecodeError as exc:
+            return Result("failed", reason=str(exc))
+        start = time.perf_counter()
+        risk = float(self.bundle.predict(batch)[0])
+        return Result("scored", risk=risk, inference_ms=(time.perf_counter() - start) * 1000)
+
+    def finish(self, claim: Claim, result: Result) -> bool:
+        """Write a result if this worker still holds the attempt; False if fenced out."""
+        card = self.bundle.card
+        with transaction(self.factory) as session:
+            job = session.get_one(Job, claim.job_id, with_for_update=True)
+            if job.status != "running" or job.attempts != claim.attempt or job.worker != self.name:
+                return False
+            case = session.get_one(Case, claim.case_id)
+            case.status, case.reason = result.status, result.reason
+            details: dict[str, object] = {"attempt": claim.attempt, "status": result.status}
+            if result.status == "scored" and result.risk is not None:
+                tier = tier_of(result.risk, card)
+                session.add(
+                    Prediction(
+                        case_id=case.id,
+                        attempt=claim.attempt,
+                        model_ref=card.ref,
+                        risk=result.risk,
+                        tier=tier,
+                        inference_ms=result.inference_ms or 0.0,
+                        created_at=datetime.now(timezone.utc),
+                    )
+                )
+                case.risk, case.tier, case.model_ref = result.risk, tier, card.ref
+                # A rescore may move a deadline earlier, never later.
+                case.deadline = min(case.deadline, case.received_at + sla(tier, self.settings))
+                details.update(risk=round(result.risk, 6), tier=tier, model=card.ref)
+            else:
+                details["reason"] = result.reason
+            job.status, job.lease_until = "done", None
+            outcome = Outcome.SUCCESS if result.status != "failed" else Outcome.MINOR_FAILURE
+            self._audit(session, case, f"study.score.{result.status}", outcome, details)
+            return True
+
+    def run_once(self) -> bool:
+        """Claim and finish one job; False when there was nothing to do."""
+        claim = self.claim()
+        if claim is None:
+            return False
+        self.finish(claim, self.score(claim))
+        return True
+
+    def run(self, stop: threading.Event) -> None:
+        """Work until ``stop`` is set; a failing iteration is logged, never fatal."""
+        while not stop.is_set():
+            try:
+                busy = self.run_once()
+            except Exception as exc:
+                # The type only: messages from decoders may quote header values (PHI).
+                log.error("worker iteration failed (%s); retrying", type(exc).__name__)
+                busy = False
+            if not busy:
+                stop.wait(self.settings.poll_seconds)
+
+    def _audit(
+        self,
+        session: Session,
+        case: Case,
+        action: str,
+        outcome: Outcome = Outcome.SUCCESS,
+        details: dict[str, object] | None = None,
+    ) -> None:
+        record(
+            session,
+            actor=self.name,
+            action=action,
+            code=EventCode.ACCESS,
+            object_type="case",
+            object_id=case.id,
+            outcome=outcome,
+            details=details,
+        )

@@ -17,7 +17,7 @@ from models.bundle import create_network, save_bundle
 from models.preprocess import Preprocessing
 from triage_api import auth
 from triage_api.app import create_app
-from triage_api.db import transaction
+from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
 from triage_api.settings import Settings
 
 DATA = Path(__file__).parent / "data"
@@ -94,18 +94,22 @@ MakeKey = Callable[..., str]
 
 
 @pytest.fixture
-def make_key(client: TestClient) -> MakeKey:
-    """``make_key(role, *clinics) -> bearer key`` for a new user of the running app."""
+def make_key(settings: Settings) -> Iterator[MakeKey]:
+    """``make_key(role, *clinics) -> bearer key`` for a new user in the test database."""
+    engine = make_engine(settings.sqlalchemy_url)
+    migrate(engine)
+    factory = make_sessionmaker(engine)
     counter = iter(range(1_000_000))
 
     def make(role: str, *clinics: str) -> str:
-        with transaction(client.app.state.runtime.factory) as session:
+        with transaction(factory) as session:
             _, key = auth.add_user(
                 session, name=f"{role}-{next(counter)}", role=auth.Role(role), clinics=list(clinics)
             )
         return key
 
-    return make
+    yield make
+    engine.dispose()
 
 
 def bearer(key: str) -> dict[str, str]:

@@ -182,6 +182,21 @@ def _principal(runtime: RuntimeDep, authorization: Annotated[str | None, Header(
 CurrentPrincipal = Annotated[Principal, Depends(_principal)]
 
 
+def _allow(*roles: Role) -> Any:
+    """A dependency admitting only ``roles``; it runs before the body is validated."""
+
+    def dependency(principal: CurrentPrincipal) -> Principal:
+        principal.require(*roles)
+        return principal
+
+    return Depends(dependency)
+
+
+Uploader = Annotated[Principal, _allow(Role.UPLOADER)]
+Reader = Annotated[Principal, _allow(Role.UPLOADER, Role.RADIOLOGIST, Role.AUDITOR)]
+Admin = Annotated[Principal, _allow(Role.ADMIN)]
+
+
 def _item(case: Case) -> dict[str, Any]:
     return {
         "id": case.id,
@@ -218,7 +233,7 @@ def _routes(app: FastAPI) -> None:
         status_code=201,
         responses={200: {"model": StudyCreated, "description": "The same bytes were uploaded before"}},
     )
-    def upload_study(runtime: RuntimeDep, principal: CurrentPrincipal, file: UploadFile = File()) -> Any:
+    def upload_study(runtime: RuntimeDep, principal: Uploader, file: UploadFile = File()) -> Any:
         """Upload one study (DICOM Part 10, PNG or JPEG) for scoring."""
         limit = runtime.settings.max_upload_bytes
         data = file.file.read(limit + 1)
@@ -241,7 +256,7 @@ def _routes(app: FastAPI) -> None:
         return JSONResponse(body.model_dump(mode="json"), status_code=201 if created else 200)
 
     @app.get("/v1/studies/{case_id}", response_model=CaseRead)
-    def get_study(runtime: RuntimeDep, principal: CurrentPrincipal, case_id: str) -> CaseRead:
+    def get_study(runtime: RuntimeDep, principal: Reader, case_id: str) -> CaseRead:
         """One case with its current prediction."""
         with transaction(runtime.factory) as session:
             case, prediction = cases.read_case(session, principal=principal, case_id=case_id)
@@ -250,7 +265,7 @@ def _routes(app: FastAPI) -> None:
     @app.get("/v1/worklist", response_model=list[WorklistItem])
     def get_worklist(
         runtime: RuntimeDep,
-        principal: CurrentPrincipal,
+        principal: Reader,
         status: Annotated[
             str | None, Query(pattern="^(queued|running|scored|not_analyzed|failed)$")
         ] = None,
@@ -266,9 +281,8 @@ def _routes(app: FastAPI) -> None:
             return [WorklistItem(**_item(case)) for case in rows]
 
     @app.post("/v1/users", response_model=UserCreated, status_code=201)
-    def create_user(runtime: RuntimeDep, principal: CurrentPrincipal, body: UserCreate) -> UserCreated:
+    def create_user(runtime: RuntimeDep, principal: Admin, body: UserCreate) -> UserCreated:
         """Create a user (and clinics it names) with a first API key, shown once."""
-        principal.require(Role.ADMIN)
         try:
             with transaction(runtime.factory) as session:
                 user, key = auth.add_user(session, name=body.name, role=body.role, clinics=body.clinics)
@@ -288,9 +302,8 @@ def _routes(app: FastAPI) -> None:
             raise Conflict("a user with that name exists") from None
 
     @app.delete("/v1/keys/{prefix}", response_model=KeyRevoked)
-    def revoke_key(runtime: RuntimeDep, principal: CurrentPrincipal, prefix: str) -> KeyRevoked:
+    def revoke_key(runtime: RuntimeDep, principal: Admin, prefix: str) -> KeyRevoked:
         """Revoke an API key by its public prefix."""
-        principal.require(Role.ADMIN)
         with transaction(runtime.factory) as session:
             key = auth.revoke_key(session, prefix)
             if key is None or key.revoked_at is None:

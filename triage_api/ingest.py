@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from audit.log import EventCode, record
-from triage_api.auth import Principal, Role
+from triage_api.auth import Principal
 from triage_api.errors import InvalidStudy, NotPermitted, UnsupportedMediaType
 from triage_api.settings import Settings
 from triage_api.tables import Case, Job
@@ -229,10 +229,9 @@ def accept_study(
         bytes before, and the existing case is returned).
 
     Raises:
-        NotPermitted: the caller is not an uploader of exactly one clinic.
+        NotPermitted: the caller does not act for exactly one clinic.
         UnsupportedMediaType, InvalidStudy: the upload is refused; nothing is stored.
     """
-    principal.require(Role.UPLOADER)
     if len(principal.clinic_ids) != 1:
         raise NotPermitted("an uploader key must belong to exactly one clinic")
     (clinic_id,) = principal.clinic_ids

@@ -1,0 +1,39 @@
+"""Fixtures for the ML tests: the shipped samples, the default bundle, the shared corpus."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from models.bundle import Bundle, load_bundle
+from models.train import Sample, list_folder
+
+MODELS_DATA = Path(__file__).parent / "data"
+TESTS_DATA = Path(__file__).parents[1] / "data"
+DEFAULT_BUNDLE = Path(__file__).parents[2] / "models" / "bundles" / "cxr-pneumonia-lite0"
+SHARED_TRAIN = Path(__file__).resolve().parents[3] / "shared" / "data" / "cxr-pneumonia" / "train"
+LABELS = ("normal", "pneumonia")
+
+
+@pytest.fixture(scope="session")
+def samples() -> list[Sample]:
+    """Four pediatric radiographs of held-out test patients: 2 normal, 2 pneumonia."""
+    return list_folder(MODELS_DATA, LABELS)
+
+
+@pytest.fixture(scope="session")
+def default_bundle() -> Bundle:
+    """The committed default bundle, loaded on CPU."""
+    return load_bundle(DEFAULT_BUNDLE)
+
+
+@pytest.fixture(scope="session")
+def shared_train() -> Path:
+    """The full training corpus; skips visibly when ../shared is absent (fails in CI)."""
+    if not SHARED_TRAIN.is_dir():
+        if os.environ.get("TRIAGE_REQUIRE_SHARED") == "1":
+            pytest.fail(f"{SHARED_TRAIN} is required in CI but missing")
+        pytest.skip(f"needs the shared corpus at {SHARED_TRAIN}")
+    return SHARED_TRAIN

@@ -1,0 +1,198 @@
+"""Scoring worker: leases, crash recovery, fencing, dead letters, tiers and deadlines."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from models.bundle import load_bundle
+from tests.conftest import DATA, MakeKey, bearer, upload
+from triage_api.app import create_app
+from triage_api.settings import Settings
+from triage_api.tables import Case, Job, Prediction
+from triage_api.worker import Result, Worker
+
+
+@pytest.fixture
+def manual(settings: Settings) -> Settings:
+    """No in-process worker and a short lease: the test drives workers itself."""
+    return settings.model_copy(update={"run_worker": False, "lease_seconds": 0.5, "max_attempts": 3})
+
+
+@pytest.fixture
+def quiet_client(manual: Settings):  # type: ignore[no-untyped-def]
+    with TestClient(create_app(manual)) as test_client:
+        yield test_client
+
+
+def new_worker(client: TestClient, settings: Settings) -> Worker:
+    worker = Worker(client.app.state.runtime.factory, settings, load_bundle(settings.model_path))
+    worker.name += f":{id(worker)}"  # two workers in one thread must differ
+    return worker
+
+
+def queue_study(client: TestClient, key: str, name: str = "cr_chest_pa_jpeg_baseline_siim.dcm") -> str:
+    response = upload(client, key, (DATA / name).read_bytes())
+    assert response.status_code == 201
+    return str(response.json()["id"])
+
+
+def rows(client: TestClient, table: type) -> list:  # type: ignore[type-arg]
+    with client.app.state.runtime.factory() as session:
+        return list(session.execute(select(table)).scalars())
+
+
+def test_expired_lease_is_reclaimed_and_late_write_discarded(
+    quiet_client: TestClient, manual: Settings, make_key: MakeKey
+) -> None:
+    client = quiet_client
+    case_id = queue_study(client, make_key("uploader", "north"))
+    crashed, rescuer = new_worker(client, manual), new_worker(client, manual)
+    first = crashed.claim()
+    assert first is not None and first.attempt == 1
+    assert rescuer.claim() is None  # the lease still holds
+    time.sleep(manual.lease_seconds + 0.2)
+    second = rescuer.claim()
+    assert second is not None and second.case_id == case_id and second.attempt == 2
+    assert rescuer.finish(second, rescuer.score(second)) is True
+    # The "crashed" worker wakes up and tries to write its stale result: fenced out.
+    assert crashed.finish(first, Result("scored", risk=0.99, inference_ms=1.0)) is False
+    predictions = rows(client, Prediction)
+    assert [(p.case_id, p.attempt) for p in predictions] == [(case_id, 2)]
+    (case,) = rows(client, Case)
+    assert case.status == "scored" and case.risk == predictions[0].risk
+
+
+def test_killed_worker_process_loses_nothing(quiet_client: TestClient, manual: Settings, make_key: MakeKey) -> None:
+    """A real process claims the job and is SIGKILLed mid-job; the case is scored anyway."""
+    client = quiet_client
+    case_id = queue_study(client, make_key("uploader", "north"))
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from models.bundle import load_bundle
+        from triage_api.db import make_engine, make_sessionmaker
+        from triage_api.settings import Settings
+        from triage_api.worker import Worker
+        settings = Settings.model_validate_json({manual.model_dump_json()!r})
+        worker = Worker(make_sessionmaker(make_engine(settings.sqlalchemy_url)), settings, load_bundle(settings.model_path))
+        claim = worker.claim()
+        print("claimed" if claim else "nothing", flush=True)
+        time.sleep(60)
+        """
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    ) as process:
+        try:
+            assert process.stdout is not None
+            assert process.stdout.readline().strip() == "claimed"
+            (job,) = rows(client, Job)
+            assert job.status == "running" and job.attempts == 1
+        finally:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+    time.sleep(manual.lease_seconds + 0.2)
+    assert new_worker(client, manual).run_once() is True
+    (case,) = rows(client, Case)
+    assert case.id == case_id and case.status == "scored"
+    (job,) = rows(client, Job)
+    assert job.status == "done" and job.attempts == 2
+
+
+def test_job_that_keeps_crashing_ends_failed_and_visible(
+    quiet_client: TestClient, manual: Settings, make_key: MakeKey
+) -> None:
+    client = quiet_client
+    key = make_key("uploader", "north")
+    case_id = queue_study(client, key)
+    worker = new_worker(client, manual)
+    for _ in range(manual.max_attempts):
+        assert worker.claim() is not None
+        time.sleep(manual.lease_seconds + 0.1)
+    assert worker.claim() is None
+    (case,) = rows(client, Case)
+    assert case.status == "failed" and "gave up after 3 attempts" in (case.reason or "")
+    listed = client.get("/v1/worklist", headers=bearer(make_key("radiologist", "north"))).json()
+    assert [(item["id"], item["status"]) for item in listed] == [(case_id, "failed")]
+
+
+def test_tiers_set_deadlines_and_a_rescore_never_moves_one_later(
+    quiet_client: TestClient, manual: Settings, make_key: MakeKey
+) -> None:
+    client = quiet_client
+    key = make_key("uploader", "north")
+    worker = new_worker(client, manual)
+    names = ["cr_chest_pa_jpeg_baseline_siim.dcm", "cr_chest_pa_monochrome1_siim.dcm", "cxr_normal.jpeg"]
+    risks = {}
+    for name, risk in zip(names, (0.2, 0.95, 0.6)):
+        case_id = queue_study(client, key, name)
+        claim = worker.claim()
+        assert claim is not None and claim.case_id == case_id
+        assert worker.finish(claim, Result("scored", risk=risk, inference_ms=1.0))
+        risks[case_id] = risk
+    cases = {c.id: c for c in rows(client, Case)}
+    for case in cases.values():
+        expected = {0.2: ("routine", manual.sla_routine_minutes), 0.95: ("critical", manual.sla_critical_minutes),
+                    0.6: ("elevated", manual.sla_elevated_minutes)}[risks[case.id]]
+        assert case.tier == expected[0]
+        assert case.deadline - case.received_at == timedelta(minutes=expected[1])
+    listed = client.get("/v1/worklist", headers=bearer(make_key("radiologist", "north"))).json()
+    assert [risks[item["id"]] for item in listed] == [0.95, 0.6, 0.2]
+    assert [item["tier"] for item in listed] == ["critical", "elevated", "routine"]
+
+    # Rescore the critical case as routine: the tier follows the model, the deadline stays.
+    critical_id = listed[0]["id"]
+    with client.app.state.runtime.factory() as session, session.begin():
+        job = session.execute(select(Job).where(Job.case_id == critical_id)).scalar_one()
+        job.status = "queued"
+    claim = worker.claim()
+    assert claim is not None and claim.case_id == critical_id
+    assert worker.finish(claim, Result("scored", risk=0.1, inference_ms=1.0))
+    rescored = next(c for c in rows(client, Case) if c.id == critical_id)
+    assert rescored.tier == "routine"
+    assert rescored.deadline == cases[critical_id].deadline
+
+
+def test_queued_case_is_on_the_worklist_at_routine_priority(quiet_client: TestClient, make_key: MakeKey) -> None:
+    client = quiet_client
+    case_id = queue_study(client, make_key("uploader", "north"))
+    (item,) = client.get("/v1/worklist", headers=bearer(make_key("radiologist", "north"))).json()
+    assert item["id"] == case_id and item["status"] == "queued" and item["tier"] == "routine"
+    assert item["waited_seconds"] >= 0
+
+
+def test_worklist_filters(quiet_client: TestClient, make_key: MakeKey) -> None:
+    client = quiet_client
+    queue_study(client, make_key("uploader", "north"))
+    headers = bearer(make_key("radiologist", "north"))
+    assert len(client.get("/v1/worklist?status=queued", headers=headers).json()) == 1
+    assert client.get("/v1/worklist?status=scored", headers=headers).json() == []
+    assert client.get("/v1/worklist?tier=critical", headers=headers).json() == []
+    bad = client.get("/v1/worklist?status=deleted", headers=headers)
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_request"
+
+
+def test_no_prediction_rows_are_duplicated(quiet_client: TestClient, manual: Settings, make_key: MakeKey) -> None:
+    client = quiet_client
+    key = make_key("uploader", "north")
+    for name in ("cr_chest_pa_jpeg_baseline_siim.dcm", "cr_chest_pa_monochrome1_siim.dcm"):
+        queue_study(client, key, name)
+    worker = new_worker(client, manual)
+    while worker.run_once():
+        pass
+    with client.app.state.runtime.factory() as session:
+        assert session.execute(select(func.count()).select_from(Prediction)).scalar_one() == 2

@@ -125,7 +125,7 @@ def test_random_ids_are_404(client: TestClient, make_key: MakeKey) -> None:
     key = make_key("radiologist", "north")
 
     @hsettings(max_examples=60, deadline=None)
-    @given(st.text(alphabet="0123456789abcdefxyz-_.%", min_size=1, max_size=80))
+    @given(st.text(alphabet="0123456789abcdefxyzABC-_~", min_size=1, max_size=80))
     def check(case_id: str) -> None:
         response = client.get(f"/v1/studies/{case_id}", headers=bearer(key))
         assert response.status_code == 404

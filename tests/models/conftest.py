@@ -24,9 +24,21 @@ def samples() -> list[Sample]:
 
 
 @pytest.fixture(scope="session")
+def default_bundle_dir() -> Path:
+    """The committed default bundle's folder."""
+    return DEFAULT_BUNDLE
+
+
+@pytest.fixture(scope="session")
 def default_bundle() -> Bundle:
     """The committed default bundle, loaded on CPU."""
     return load_bundle(DEFAULT_BUNDLE)
+
+
+@pytest.fixture(scope="session")
+def chest_dicom() -> Path:
+    """A real CR chest PA (JPEG baseline, 1024 px), shipped in ``tests/data``."""
+    return TESTS_DATA / "cr_chest_pa_jpeg_baseline_siim.dcm"
 
 
 @pytest.fixture(scope="session")

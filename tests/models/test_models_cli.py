@@ -1,0 +1,46 @@
+"""``models list|show|import`` and the argparse wiring."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from models.bundle import ChecksumMismatch, verify_bundle
+from models.cli import add_commands, main
+
+
+def test_commands_are_registered() -> None:
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["evaluate", "--bundle", "b", "--data", "d", "--tta"])
+    assert callable(args.func) and args.tta
+    args = parser.parse_args(["train", "--data", "d", "--out", "o", "--name", "n", "--version", "1"])
+    assert args.epochs == 5 and args.frozen_stages == 4 and args.split == (0.7, 0.15, 0.15)
+
+
+def test_list_and_show(tiny_bundle: Path, default_bundle_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "list", "--dir", str(tiny_bundle.parent), "--dir", str(default_bundle_dir.parent)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-test@0.0.1" in out and "cxr-pneumonia-lite0@" in out
+    assert main(["models", "show", str(tiny_bundle)]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "tiny-test"
+
+
+def test_import_copies_a_verified_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "var" / "models"
+    assert main(["models", "import", str(tiny_bundle), "--dest", str(dest)]) == 0
+    assert verify_bundle(dest / "tiny-test-0.0.1").name == "tiny-test"
+
+
+def test_import_refuses_a_tampered_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
+    tampered = tmp_path / "tampered"
+    shutil.copytree(tiny_bundle, tampered)
+    with (tampered / "weights.safetensors").open("ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(ChecksumMismatch):
+        main(["models", "import", str(tampered), "--dest", str(tmp_path / "dest")])
+    assert not (tmp_path / "dest").exists()

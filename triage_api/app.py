@@ -83,6 +83,9 @@ class Runtime:
     settings: Settings
     engine: Engine
     factory: sessionmaker[Session]
+    reads: sessionmaker[Session]
+    """Read-only sessions: on SQLite they never take the write lock; elsewhere the same pool."""
+    read_engine: Engine
     pseudonym_key: bytes
 
 
@@ -131,11 +134,17 @@ def create_app(settings: Settings) -> FastAPI:
         engine = make_engine(settings.sqlalchemy_url)
         migrate(engine)
         factory = make_sessionmaker(engine)
+        read_engine = make_engine(settings.sqlalchemy_url, read_only=True) if engine.dialect.name == "sqlite" else engine
         key = bootstrap_admin(factory)
         if key is not None:
             print(f"Created the first admin. Its API key, shown once:\n{key}", flush=True)
         app.state.runtime = Runtime(
-            settings, engine, factory, read_or_create_secret(settings.secret_dir / "pseudonym.key")
+            settings,
+            engine,
+            factory,
+            make_sessionmaker(read_engine),
+            read_engine,
+            read_or_create_secret(settings.secret_dir / "pseudonym.key"),
         )
         stop = threading.Event()
         thread = None
@@ -149,6 +158,7 @@ def create_app(settings: Settings) -> FastAPI:
             stop.set()
             if thread is not None:
                 thread.join(timeout=30)
+            read_engine.dispose()
             engine.dispose()
 
     app = FastAPI(
@@ -175,7 +185,7 @@ RuntimeDep = Annotated[Runtime, Depends(_runtime)]
 def _principal(runtime: RuntimeDep, authorization: Annotated[str | None, Header()] = None) -> Principal:
     if not authorization or not authorization.startswith("Bearer "):
         raise auth.NotAuthenticated("missing bearer API key")
-    with runtime.factory() as session:
+    with runtime.reads() as session:
         return auth.authenticate(session, authorization.removeprefix("Bearer ").strip())
 
 
@@ -241,6 +251,7 @@ def _routes(app: FastAPI) -> None:
             raise StarletteHTTPException(413, f"file over {limit} bytes")
         case, created = ingest.accept_study(
             runtime.factory,
+            reads=runtime.reads,
             principal=principal,
             data=data,
             settings=runtime.settings,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,10 +16,14 @@ from sqlalchemy.orm import Session, sessionmaker
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``. SQLite gets WAL, ``synchronous=FULL``, foreign keys and
-    ``BEGIN IMMEDIATE`` transactions, so that writers queue instead of failing mid-way
-    and the audit chain has one writer at a time."""
+def make_engine(url: str, *, read_only: bool = False) -> Engine:
+    """An engine for ``url``.
+
+    SQLite gets WAL, ``synchronous=FULL``, foreign keys, and ``BEGIN IMMEDIATE`` for every
+    transaction so that writers queue for the lock up front instead of failing mid-way (and
+    the audit chain has one writer at a time). A ``read_only`` SQLite engine skips that:
+    its transactions are deferred snapshots that never wait for writers.
+    """
     if not url.startswith("sqlite"):
         return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
     engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
@@ -31,11 +36,37 @@ def make_engine(url: str) -> Engine:
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=30000")
+        if read_only:
+            cursor.execute("PRAGMA query_only=ON")
         cursor.close()
+
+    if read_only:
+
+        @event.listens_for(engine, "begin")
+        def _on_read_begin(connection: Any) -> None:
+            connection.exec_driver_sql("BEGIN")
+
+        return engine
+
+    # Writers of this process queue on a lock before asking SQLite for its write lock:
+    # SQLite's busy handler polls with sleeps of up to 100 ms, which made the tail latency.
+    write_lock = threading.Lock()
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        write_lock.acquire()
+        connection.info["holds_write_lock"] = True
+        try:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            _release(connection)
+            raise
+
+    @event.listens_for(engine, "commit")
+    @event.listens_for(engine, "rollback")
+    def _release(connection: Any) -> None:
+        if connection.info.pop("holds_write_lock", False):
+            write_lock.release()
 
     return engine
 

@@ -217,6 +217,7 @@ def routine_deadline(received_at: datetime, settings: Settings) -> datetime:
 def accept_study(
     factory: sessionmaker[Session],
     *,
+    reads: sessionmaker[Session],
     principal: Principal,
     data: bytes,
     settings: Settings,
@@ -238,7 +239,7 @@ def accept_study(
     facts = validate(data, settings)
     digest = store_blob(settings.blob_dir, data)
 
-    existing = _find(factory, clinic_id, digest)
+    existing = _find(reads, clinic_id, digest)
     if existing is not None:
         return existing, False
     now = datetime.now(timezone.utc)
@@ -275,7 +276,7 @@ def accept_study(
             )
     except IntegrityError:
         # A concurrent retry of the same upload committed first: answer with its case.
-        existing = _find(factory, clinic_id, digest)
+        existing = _find(reads, clinic_id, digest)
         if existing is None:
             raise
         return existing, False

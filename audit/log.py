@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Integer, String, Text, select, text
@@ -22,7 +22,7 @@ GENESIS_HASH = "0" * 64
 _ADVISORY_LOCK_KEY = 0x7472696167  # "triag"
 
 
-class EventCode(str, enum.Enum):
+class EventCode(enum.StrEnum):
     """DICOM PS3.15 A.5 / IHE ATNA event IDs used by the service."""
 
     IMPORT = "110107"
@@ -113,7 +113,7 @@ def record(
     seq, prev_hash = (head[0] + 1, head[1]) if head else (1, GENESIS_HASH)
     row: dict[str, Any] = {
         "seq": seq,
-        "at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+        "at": datetime.now(UTC).isoformat(timespec="microseconds"),
         "actor": actor,
         "action": action,
         "event_code": code.value,

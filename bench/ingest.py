@@ -118,7 +118,9 @@ def summary(name: str, rate: float, latencies: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--uploads", type=int, default=400)
     parser.add_argument("--clients", type=int, default=8)
     args = parser.parse_args()
@@ -132,24 +134,58 @@ def main() -> None:
         bare_port, triage_port = free_port(), free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
         bare = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(work), "bare_app:app", "--port", str(bare_port),
-             "--log-level", "warning", "--no-access-log"],
-            env={**env, "BENCH_OUT": str(work / "bare")}, stdout=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--app-dir",
+                str(work),
+                "bare_app:app",
+                "--port",
+                str(bare_port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            env={**env, "BENCH_OUT": str(work / "bare")},
+            stdout=subprocess.DEVNULL,
         )
         triage_env = {**env, "TRIAGE_DATA_DIR": str(work / "var"), "TRIAGE_PORT": str(triage_port)}
         users = subprocess.run(
-            [sys.executable, "-m", "triage_api.cli", "users", "add", "--clinic", "bench", "--role", "uploader",
-             "--name", "bench"], env=triage_env, cwd=ROOT, capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                "-m",
+                "triage_api.cli",
+                "users",
+                "add",
+                "--clinic",
+                "bench",
+                "--role",
+                "uploader",
+                "--name",
+                "bench",
+            ],
+            env=triage_env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         key = users.stdout.strip().splitlines()[-1]
         triage = subprocess.Popen(
             [sys.executable, "-m", "triage_api.cli", "serve", "--workers", "0"],
-            env=triage_env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=triage_env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             wait_ready(f"http://127.0.0.1:{bare_port}/")
             wait_ready(f"http://127.0.0.1:{triage_port}/healthz")
-            bare_url, triage_url = f"http://127.0.0.1:{bare_port}/upload", f"http://127.0.0.1:{triage_port}/v1/studies"
+            bare_url, triage_url = (
+                f"http://127.0.0.1:{bare_port}/upload",
+                f"http://127.0.0.1:{triage_port}/v1/studies",
+            )
             auth = {"Authorization": f"Bearer {key}"}
             hammer(bare_url, warm, {}, args.clients)
             hammer(triage_url, warm, auth, args.clients)

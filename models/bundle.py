@@ -137,9 +137,7 @@ def verify_bundle(path: Path) -> ModelCard:
         raise BundleError(f"no {WEIGHTS_FILE} in {path}")
     actual = sha256_file(weights)
     if actual != card.weights_sha256:
-        raise ChecksumMismatch(
-            f"{weights} has sha256 {actual}, the card records {card.weights_sha256}"
-        )
+        raise ChecksumMismatch(f"{weights} has sha256 {actual}, the card records {card.weights_sha256}")
     return card
 
 
@@ -181,7 +179,8 @@ class Bundle:
     def logits(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Raw logits for a ``(N, 3, S, S)`` batch of :func:`models.preprocess.to_input` outputs."""
         inputs = torch.as_tensor(batch, dtype=torch.float32).to(self.device)
-        return self.network(inputs).float().cpu()
+        logits: torch.Tensor = self.network(inputs)
+        return logits.float().cpu()
 
     def predict(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         """Calibrated probability of the positive label for each image of the batch."""
@@ -213,4 +212,3 @@ def load_bundle(path: Path, device: str = "cpu") -> Bundle:
     target = torch.device(device)
     network.to(target).eval()
     return Bundle(card, network, target)
-

@@ -34,12 +34,13 @@ class Preprocessing(BaseModel):
 
 
 def _percentile_window(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    lo, hi = np.percentile(values, [low, high])
+    lo, hi = (float(v) for v in np.percentile(values, [low, high]))
     if hi <= lo:
         lo, hi = float(values.min()), float(values.max())
     if hi <= lo:
         return np.zeros_like(values, dtype=np.float32)
-    return np.clip((values - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    windowed: np.ndarray = np.clip((values - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    return windowed
 
 
 def _first(value: object) -> float:

@@ -7,7 +7,9 @@ import uuid
 import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from tests.conftest import DATA, MakeKey, bearer, upload, wait_for
 
@@ -34,9 +36,17 @@ def api_routes(client: TestClient) -> list[tuple[str, str]]:
 def call(client: TestClient, method: str, path: str, headers: dict[str, str]):  # type: ignore[no-untyped-def]
     url = path.replace("{case_id}", uuid.uuid4().hex).replace("{prefix}", "0123456789ab")
     if (method, path) == ("POST", "/v1/studies"):
-        return client.post(url, files={"file": ("x.dcm", (DATA / "dx_thorax_dog_monochrome1.dcm").read_bytes())}, headers=headers)
+        return client.post(
+            url,
+            files={"file": ("x.dcm", (DATA / "dx_thorax_dog_monochrome1.dcm").read_bytes())},
+            headers=headers,
+        )
     if (method, path) == ("POST", "/v1/users"):
-        return client.post(url, json={"name": f"u{uuid.uuid4().hex[:8]}", "role": "uploader", "clinics": ["east"]}, headers=headers)
+        return client.post(
+            url,
+            json={"name": f"u{uuid.uuid4().hex[:8]}", "role": "uploader", "clinics": ["east"]},
+            headers=headers,
+        )
     return client.request(method, url, headers=headers)
 
 
@@ -44,7 +54,9 @@ def test_every_route_is_classified(client: TestClient) -> None:
     assert set(api_routes(client)) == set(ALLOWED)
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer trg_0123456789ab_nope"}, {"Authorization": "Basic abc"}])
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer trg_0123456789ab_nope"}, {"Authorization": "Basic abc"}]
+)
 def test_every_route_needs_a_valid_credential(client: TestClient, headers: dict[str, str]) -> None:
     for method, path in api_routes(client):
         response = call(client, method, path, headers)
@@ -78,9 +90,12 @@ def test_revoked_key_is_refused(client: TestClient, make_key: MakeKey) -> None:
     assert client.get("/v1/worklist", headers=bearer(key)).status_code == 401
 
 
-def test_admin_creates_user_whose_key_works_and_is_stored_hashed(client: TestClient, make_key: MakeKey) -> None:
+def test_admin_creates_user_whose_key_works_and_is_stored_hashed(
+    client: TestClient, make_key: MakeKey
+) -> None:
     response = client.post(
-        "/v1/users", json={"name": "dr-who", "role": "radiologist", "clinics": ["north", "south"]},
+        "/v1/users",
+        json={"name": "dr-who", "role": "radiologist", "clinics": ["north", "south"]},
         headers=bearer(make_key("admin")),
     )
     assert response.status_code == 201
@@ -89,11 +104,13 @@ def test_admin_creates_user_whose_key_works_and_is_stored_hashed(client: TestCli
     assert len(secret) >= 32  # 32 random bytes, urlsafe base64: 256 bits
     assert client.get("/v1/worklist", headers=bearer(key)).status_code == 200
     from sqlalchemy import text
+
     with client.app.state.runtime.engine.connect() as connection:
         dump = " ".join(str(row) for row in connection.execute(text("SELECT * FROM api_keys")))
     assert secret not in dump
     duplicate = client.post(
-        "/v1/users", json={"name": "dr-who", "role": "auditor", "clinics": ["north"]},
+        "/v1/users",
+        json={"name": "dr-who", "role": "auditor", "clinics": ["north"]},
         headers=bearer(make_key("admin")),
     )
     assert duplicate.status_code == 409
@@ -108,9 +125,15 @@ def test_request_bodies_forbid_extra_fields(client: TestClient, make_key: MakeKe
 
 def test_clinic_cannot_see_another_clinics_case_or_worklist(client: TestClient, make_key: MakeKey) -> None:
     north_up = make_key("uploader", "north")
-    case_id = upload(client, north_up, (DATA / "cr_chest_pa_jpeg_baseline_siim.dcm").read_bytes()).json()["id"]
+    case_id = upload(client, north_up, (DATA / "cr_chest_pa_jpeg_baseline_siim.dcm").read_bytes()).json()[
+        "id"
+    ]
     wait_for(client, north_up, case_id)
-    for key in (make_key("uploader", "south"), make_key("radiologist", "south"), make_key("auditor", "south")):
+    for key in (
+        make_key("uploader", "south"),
+        make_key("radiologist", "south"),
+        make_key("auditor", "south"),
+    ):
         response = client.get(f"/v1/studies/{case_id}", headers=bearer(key))
         assert response.status_code == 404
         assert response.json() == {"error": {"code": "not_found", "message": "no such case"}}
@@ -135,7 +158,11 @@ def test_random_ids_are_404(client: TestClient, make_key: MakeKey) -> None:
 
 def test_admin_and_uploader_constraints(client: TestClient, make_key: MakeKey) -> None:
     admin = bearer(make_key("admin"))
-    two_clinics = client.post("/v1/users", json={"name": "up2", "role": "uploader", "clinics": ["a", "b"]}, headers=admin)
+    two_clinics = client.post(
+        "/v1/users", json={"name": "up2", "role": "uploader", "clinics": ["a", "b"]}, headers=admin
+    )
     assert two_clinics.status_code == 403
-    admin_with_clinic = client.post("/v1/users", json={"name": "ad2", "role": "admin", "clinics": ["a"]}, headers=admin)
+    admin_with_clinic = client.post(
+        "/v1/users", json={"name": "ad2", "role": "admin", "clinics": ["a"]}, headers=admin
+    )
     assert admin_with_clinic.status_code == 403

@@ -22,7 +22,9 @@ def events(client: TestClient) -> list[AuditEvent]:
 
 def test_upload_scoring_and_view_are_audited(client: TestClient, make_key: MakeKey) -> None:
     uploader, reader = make_key("uploader", "north"), make_key("radiologist", "north")
-    case_id = upload(client, uploader, (DATA / "cr_chest_pa_jpeg_baseline_siim.dcm").read_bytes()).json()["id"]
+    case_id = upload(client, uploader, (DATA / "cr_chest_pa_jpeg_baseline_siim.dcm").read_bytes()).json()[
+        "id"
+    ]
     wait_for(client, reader, case_id)
     client.get("/v1/worklist", headers=bearer(reader))
     trail = [(e.action, e.event_code) for e in events(client) if e.object_id == case_id]
@@ -72,8 +74,14 @@ def test_concurrent_writers_keep_one_unbroken_chain(client: TestClient) -> None:
     def write(n: int) -> None:
         try:
             with transaction(factory) as session:
-                record(session, actor=f"test:{n}", action="test.write", code=EventCode.ACCESS,
-                       object_type="test", object_id=str(n))
+                record(
+                    session,
+                    actor=f"test:{n}",
+                    action="test.write",
+                    code=EventCode.ACCESS,
+                    object_type="test",
+                    object_id=str(n),
+                )
         except BaseException as exc:  # collected and asserted below
             errors.append(exc)
 

@@ -32,7 +32,12 @@ def triage_env(tmp_path: Path, database_url: str, bundle: Path, port: int = 0) -
 def run_triage(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "triage_api.cli", *args],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -44,11 +49,25 @@ def free_port() -> int:
 
 def test_users_add_prints_a_working_key_once(tmp_path: Path, database_url: str, tiny_bundle: Path) -> None:
     env = triage_env(tmp_path, database_url, tiny_bundle)
-    result = run_triage(env, "users", "add", "--clinic", "north", "--clinic", "south", "--role", "radiologist", "--name", "dr-a")
+    result = run_triage(
+        env,
+        "users",
+        "add",
+        "--clinic",
+        "north",
+        "--clinic",
+        "south",
+        "--role",
+        "radiologist",
+        "--name",
+        "dr-a",
+    )
     assert result.returncode == 0, result.stderr
     key = result.stdout.strip()
     assert key.startswith("trg_") and len(key) > 50
-    refused = run_triage(env, "users", "add", "--clinic", "a", "--clinic", "b", "--role", "uploader", "--name", "up")
+    refused = run_triage(
+        env, "users", "add", "--clinic", "a", "--clinic", "b", "--role", "uploader", "--name", "up"
+    )
     assert refused.returncode == 2 and "exactly one clinic" in refused.stderr
     revoked = run_triage(env, "users", "revoke", key.split("_")[1])
     assert revoked.returncode == 0
@@ -57,7 +76,11 @@ def test_users_add_prints_a_working_key_once(tmp_path: Path, database_url: str, 
 def start_server(env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "triage_api.cli", "serve"],
-        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -93,12 +116,18 @@ def test_serve_end_to_end_on_loopback(tmp_path: Path, database_url: str, tiny_bu
             admin_key = lines[lines.index("Created the first admin. Its API key, shown once:") + 1]
             base = f"http://127.0.0.1:{port}"
             with httpx.Client(base_url=base, timeout=30) as http:
-                made = http.post("/v1/users", json={"name": "north-pacs", "role": "uploader", "clinics": ["north"]},
-                                 headers={"Authorization": f"Bearer {admin_key}"})
+                made = http.post(
+                    "/v1/users",
+                    json={"name": "north-pacs", "role": "uploader", "clinics": ["north"]},
+                    headers={"Authorization": f"Bearer {admin_key}"},
+                )
                 assert made.status_code == 201
                 uploader = {"Authorization": f"Bearer {made.json()['api_key']}"}
-                sent = http.post("/v1/studies", headers=uploader,
-                                 files={"file": ("x.dcm", (DATA / "cr_chest_pa_jpeg_baseline_siim.dcm").read_bytes())})
+                sent = http.post(
+                    "/v1/studies",
+                    headers=uploader,
+                    files={"file": ("x.dcm", (DATA / "cr_chest_pa_jpeg_baseline_siim.dcm").read_bytes())},
+                )
                 assert sent.status_code == 201
                 case_id = sent.json()["id"]
                 deadline = time.monotonic() + 60

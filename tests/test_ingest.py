@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 import struct
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,6 +121,7 @@ def test_wrong_type_is_415(client: TestClient, make_key: MakeKey, data: bytes) -
 
 def dicom_header_declaring(rows: int, columns: int) -> bytes:
     """A small Part-10 file whose header declares ``rows`` x ``columns`` 16-bit pixels."""
+
     def element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
         if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
             return struct.pack("<HH", group, elem) + vr + b"\0\0" + struct.pack("<I", len(value)) + value
@@ -190,9 +191,7 @@ def test_truncated_dicom_mutations_never_500(client: TestClient, make_key: MakeK
 
 
 def test_missing_file_field_is_422_json(client: TestClient, make_key: MakeKey) -> None:
-    response = client.post(
-        "/v1/studies", data={"other": "x"}, headers=bearer(make_key("uploader", "north"))
-    )
+    response = client.post("/v1/studies", data={"other": "x"}, headers=bearer(make_key("uploader", "north")))
     assert response.status_code == 422
     assert response.json()["error"]["code"] == "invalid_request"
 

@@ -73,7 +73,9 @@ def test_expired_lease_is_reclaimed_and_late_write_discarded(
     assert case.status == "scored" and case.risk == predictions[0].risk
 
 
-def test_killed_worker_process_loses_nothing(quiet_client: TestClient, manual: Settings, make_key: MakeKey) -> None:
+def test_killed_worker_process_loses_nothing(
+    quiet_client: TestClient, manual: Settings, make_key: MakeKey
+) -> None:
     """A real process claims the job and is SIGKILLed mid-job; the case is scored anyway."""
     client = quiet_client
     case_id = queue_study(client, make_key("uploader", "north"))
@@ -85,7 +87,8 @@ def test_killed_worker_process_loses_nothing(quiet_client: TestClient, manual: S
         from triage_api.settings import Settings
         from triage_api.worker import Worker
         settings = Settings.model_validate_json({manual.model_dump_json()!r})
-        worker = Worker(make_sessionmaker(make_engine(settings.sqlalchemy_url)), settings, load_bundle(settings.model_path))
+        factory = make_sessionmaker(make_engine(settings.sqlalchemy_url))
+        worker = Worker(factory, settings, load_bundle(settings.model_path))
         claim = worker.claim()
         print("claimed" if claim else "nothing", flush=True)
         time.sleep(60)
@@ -138,7 +141,7 @@ def test_tiers_set_deadlines_and_a_rescore_never_moves_one_later(
     worker = new_worker(client, manual)
     names = ["cr_chest_pa_jpeg_baseline_siim.dcm", "cr_chest_pa_monochrome1_siim.dcm", "cxr_normal.jpeg"]
     risks = {}
-    for name, risk in zip(names, (0.2, 0.95, 0.6)):
+    for name, risk in zip(names, (0.2, 0.95, 0.6), strict=False):
         case_id = queue_study(client, key, name)
         claim = worker.claim()
         assert claim is not None and claim.case_id == case_id
@@ -146,8 +149,11 @@ def test_tiers_set_deadlines_and_a_rescore_never_moves_one_later(
         risks[case_id] = risk
     cases = {c.id: c for c in rows(client, Case)}
     for case in cases.values():
-        expected = {0.2: ("routine", manual.sla_routine_minutes), 0.95: ("critical", manual.sla_critical_minutes),
-                    0.6: ("elevated", manual.sla_elevated_minutes)}[risks[case.id]]
+        expected = {
+            0.2: ("routine", manual.sla_routine_minutes),
+            0.95: ("critical", manual.sla_critical_minutes),
+            0.6: ("elevated", manual.sla_elevated_minutes),
+        }[risks[case.id]]
         assert case.tier == expected[0]
         assert case.deadline - case.received_at == timedelta(minutes=expected[1])
     listed = client.get("/v1/worklist", headers=bearer(make_key("radiologist", "north"))).json()
@@ -167,7 +173,9 @@ def test_tiers_set_deadlines_and_a_rescore_never_moves_one_later(
     assert rescored.deadline == cases[critical_id].deadline
 
 
-def test_queued_case_is_on_the_worklist_at_routine_priority(quiet_client: TestClient, make_key: MakeKey) -> None:
+def test_queued_case_is_on_the_worklist_at_routine_priority(
+    quiet_client: TestClient, make_key: MakeKey
+) -> None:
     client = quiet_client
     case_id = queue_study(client, make_key("uploader", "north"))
     (item,) = client.get("/v1/worklist", headers=bearer(make_key("radiologist", "north"))).json()
@@ -186,7 +194,9 @@ def test_worklist_filters(quiet_client: TestClient, make_key: MakeKey) -> None:
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_request"
 
 
-def test_no_prediction_rows_are_duplicated(quiet_client: TestClient, manual: Settings, make_key: MakeKey) -> None:
+def test_no_prediction_rows_are_duplicated(
+    quiet_client: TestClient, manual: Settings, make_key: MakeKey
+) -> None:
     client = quiet_client
     key = make_key("uploader", "north")
     for name in ("cr_chest_pa_jpeg_baseline_siim.dcm", "cr_chest_pa_monochrome1_siim.dcm"):

@@ -25,7 +25,7 @@ from models.bundle import load_bundle
 from triage_api import auth, cases, ingest
 from triage_api.auth import Principal, Role
 from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
-from triage_api.errors import Conflict, NotFound, error_body, install_handlers
+from triage_api.errors import Conflict, NotAuthenticated, NotFound, error_body, install_handlers
 from triage_api.schemas import (
     CaseRead,
     KeyRevoked,
@@ -134,7 +134,11 @@ def create_app(settings: Settings) -> FastAPI:
         engine = make_engine(settings.sqlalchemy_url)
         migrate(engine)
         factory = make_sessionmaker(engine)
-        read_engine = make_engine(settings.sqlalchemy_url, read_only=True) if engine.dialect.name == "sqlite" else engine
+        read_engine = (
+            make_engine(settings.sqlalchemy_url, read_only=True)
+            if engine.dialect.name == "sqlite"
+            else engine
+        )
         key = bootstrap_admin(factory)
         if key is not None:
             print(f"Created the first admin. Its API key, shown once:\n{key}", flush=True)
@@ -184,7 +188,7 @@ RuntimeDep = Annotated[Runtime, Depends(_runtime)]
 
 def _principal(runtime: RuntimeDep, authorization: Annotated[str | None, Header()] = None) -> Principal:
     if not authorization or not authorization.startswith("Bearer "):
-        raise auth.NotAuthenticated("missing bearer API key")
+        raise NotAuthenticated("missing bearer API key")
     with runtime.reads() as session:
         return auth.authenticate(session, authorization.removeprefix("Bearer ").strip())
 
@@ -243,7 +247,7 @@ def _routes(app: FastAPI) -> None:
         status_code=201,
         responses={200: {"model": StudyCreated, "description": "The same bytes were uploaded before"}},
     )
-    def upload_study(runtime: RuntimeDep, principal: Uploader, file: UploadFile = File()) -> Any:
+    def upload_study(runtime: RuntimeDep, principal: Uploader, file: Annotated[UploadFile, File()]) -> Any:
         """Upload one study (DICOM Part 10, PNG or JPEG) for scoring."""
         limit = runtime.settings.max_upload_bytes
         data = file.file.read(limit + 1)
@@ -277,9 +281,7 @@ def _routes(app: FastAPI) -> None:
     def get_worklist(
         runtime: RuntimeDep,
         principal: Reader,
-        status: Annotated[
-            str | None, Query(pattern="^(queued|running|scored|not_analyzed|failed)$")
-        ] = None,
+        status: Annotated[str | None, Query(pattern="^(queued|running|scored|not_analyzed|failed)$")] = None,
         tier: Annotated[str | None, Query(pattern="^(critical|elevated|routine)$")] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 100,
         offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
@@ -328,4 +330,3 @@ def _routes(app: FastAPI) -> None:
                 object_id=prefix,
             )
             return KeyRevoked(prefix=prefix, revoked_at=key.revoked_at)
-

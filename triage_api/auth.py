@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -22,7 +22,7 @@ from triage_api.errors import NotAuthenticated, NotPermitted
 from triage_api.tables import ApiKey, Clinic, User
 
 
-class Role(str, enum.Enum):
+class Role(enum.StrEnum):
     UPLOADER = "uploader"
     RADIOLOGIST = "radiologist"
     AUDITOR = "auditor"
@@ -59,7 +59,7 @@ def issue_key(session: Session, user: User) -> str:
             user_id=user.id,
             prefix=prefix,
             secret_sha256=_sha256(secret),
-            created_at=datetime.now(timezone.utc),
+            created_at=datetime.now(UTC),
         )
     )
     return f"trg_{prefix}_{secret}"
@@ -95,7 +95,7 @@ def add_user(session: Session, *, name: str, role: Role, clinics: list[str]) -> 
         raise NotPermitted("an uploader acts for exactly one clinic")
     if role is Role.ADMIN and clinics:
         raise NotPermitted("an admin manages the site and reads no clinic's cases")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     rows = []
     for clinic_name in clinics:
         clinic = session.execute(select(Clinic).where(Clinic.name == clinic_name)).scalar_one_or_none()
@@ -113,5 +113,5 @@ def revoke_key(session: Session, prefix: str) -> ApiKey | None:
     """Revoke the key with ``prefix``; returns it, or None if there is none."""
     key = session.execute(select(ApiKey).where(ApiKey.prefix == prefix)).scalar_one_or_none()
     if key is not None and key.revoked_at is None:
-        key.revoked_at = datetime.now(timezone.utc)
+        key.revoked_at = datetime.now(UTC)
     return key

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -11,6 +11,7 @@ from audit.log import EventCode, record
 from triage_api.auth import Principal
 from triage_api.errors import NotFound
 from triage_api.tables import Case, Prediction
+
 
 def scoped_case(session: Session, principal: Principal, case_id: str) -> Case:
     """The one lookup by id: a case outside the caller's clinics does not exist for them.
@@ -28,10 +29,7 @@ def read_case(session: Session, *, principal: Principal, case_id: str) -> tuple[
     """A case with its current prediction; the read is audited (110103)."""
     case = scoped_case(session, principal, case_id)
     prediction = session.execute(
-        select(Prediction)
-        .where(Prediction.case_id == case.id)
-        .order_by(Prediction.attempt.desc())
-        .limit(1)
+        select(Prediction).where(Prediction.case_id == case.id).order_by(Prediction.attempt.desc()).limit(1)
     ).scalar_one_or_none()
     record(
         session,
@@ -74,4 +72,4 @@ def worklist(
 
 
 def waited_seconds(case: Case, now: datetime | None = None) -> float:
-    return ((now or datetime.now(timezone.utc)) - case.received_at).total_seconds()
+    return ((now or datetime.now(UTC)) - case.received_at).total_seconds()

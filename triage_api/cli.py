@@ -11,8 +11,9 @@ from collections.abc import Sequence
 
 from audit.log import EventCode, record
 from triage_api import auth
-from triage_api.ingest import quiet_pydicom
 from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
+from triage_api.errors import NotPermitted
+from triage_api.ingest import quiet_pydicom
 from triage_api.settings import Settings
 
 
@@ -98,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the API (and, by default, one in-process worker)")
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
-    serve.add_argument("--workers", type=int, default=None, choices=(0, 1), help="in-process workers (default 1)")
+    serve.add_argument(
+        "--workers", type=int, default=None, choices=(0, 1), help="in-process workers (default 1)"
+    )
     serve.set_defaults(func=_serve)
 
     worker = commands.add_parser("worker", help="run a scoring worker against the shared database")
@@ -126,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except auth.NotPermitted as exc:
+    except NotPermitted as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
 

@@ -18,7 +18,7 @@ import struct
 import uuid
 import warnings
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pydicom
@@ -242,7 +242,7 @@ def accept_study(
     existing = _find(reads, clinic_id, digest)
     if existing is not None:
         return existing, False
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     case = Case(
         id=uuid.uuid4().hex,
         clinic_id=clinic_id,

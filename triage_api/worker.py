@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 from sqlalchemy import and_, or_, select
@@ -120,7 +120,7 @@ class Worker:
 
     def claim(self) -> Claim | None:
         """Take the oldest queued job, or one whose lease expired. Commits at once."""
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         with transaction(self.factory) as session:
             query = (
                 select(Job)
@@ -185,7 +185,7 @@ class Worker:
                         risk=result.risk,
                         tier=tier,
                         inference_ms=result.inference_ms or 0.0,
-                        created_at=datetime.now(timezone.utc),
+                        created_at=datetime.now(UTC),
                     )
                 )
                 case.risk, case.tier, case.model_ref = result.risk, tier, card.ref

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import io
 import struct
+import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from pydicom.data import get_testdata_file
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from sqlalchemy import func, select
 
 from tests.conftest import DATA, MakeKey, bearer, shared_data, upload, wait_for
+from triage_api.errors import InvalidStudy
+from triage_api.ingest import validate
+from triage_api.settings import Settings
 from triage_api.tables import Case, Job
 
 
@@ -150,6 +156,19 @@ def test_pixel_bomb_header_is_422_without_allocating(client: TestClient, make_ke
     assert count_cases(client) == 0
 
 
+def test_pixel_bomb_is_refused_from_the_header_alone() -> None:
+    """Validation of a 65535 x 65535 declaration allocates nothing near its 8 GiB."""
+    data = dicom_header_declaring(65535, 65535)
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidStudy):
+            validate(data, Settings())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 5 * 1024 * 1024
+
+
 def test_png_bomb_is_422(client: TestClient, make_key: MakeKey) -> None:
     # A 1-bit 40000 x 40000 PNG compresses to a few hundred KB but decodes to 1.6 GB.
     buffer = io.BytesIO()
@@ -219,3 +238,14 @@ def test_shared_dicom_corpus(client: TestClient, make_key: MakeKey, folder: str,
                 assert case["tier"] == "routine"
         else:
             assert folder == "malformed", path.name
+
+
+def test_deflated_transfer_syntax_is_refused_before_inflating(client: TestClient, make_key: MakeKey) -> None:
+    ds = pydicom.dcmread(DATA / "dx_thorax_dog_monochrome1.dcm")
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    response = upload(client, make_key("uploader", "north"), buffer.getvalue())
+    assert response.status_code == 422
+    assert "Deflated" in response.json()["error"]["message"]
+    assert count_cases(client) == 0

@@ -8,13 +8,12 @@ import secrets
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, File, Header, Query, Request, UploadFile
+from fastapi import FastAPI, File, Query, UploadFile
 from fastapi.responses import JSONResponse
-from sqlalchemy import Engine, func, select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -22,10 +21,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from audit.log import EventCode, record
 from models.bundle import load_bundle
-from triage_api import auth, cases, ingest
-from triage_api.auth import Principal, Role
+from triage_api import audit_views, auth, cases, ingest
+from triage_api.auth import Role
 from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
-from triage_api.errors import Conflict, NotAuthenticated, NotFound, error_body, install_handlers
+from triage_api.deps import Admin, Reader, Runtime, RuntimeDep, Uploader
+from triage_api.errors import Conflict, NotFound, error_body, install_handlers
 from triage_api.schemas import (
     CaseRead,
     KeyRevoked,
@@ -74,19 +74,6 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
-
-
-@dataclass
-class Runtime:
-    """What the lifespan builds; routes reach it through ``request.app.state.runtime``."""
-
-    settings: Settings
-    engine: Engine
-    factory: sessionmaker[Session]
-    reads: sessionmaker[Session]
-    """Read-only sessions: on SQLite they never take the write lock; elsewhere the same pool."""
-    read_engine: Engine
-    pseudonym_key: bytes
 
 
 def read_or_create_secret(path: Path, size: int = 32) -> bytes:
@@ -175,40 +162,8 @@ def create_app(settings: Settings) -> FastAPI:
     install_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)
     _routes(app)
+    app.include_router(audit_views.router)
     return app
-
-
-def _runtime(request: Request) -> Runtime:
-    runtime: Runtime = request.app.state.runtime
-    return runtime
-
-
-RuntimeDep = Annotated[Runtime, Depends(_runtime)]
-
-
-def _principal(runtime: RuntimeDep, authorization: Annotated[str | None, Header()] = None) -> Principal:
-    if not authorization or not authorization.startswith("Bearer "):
-        raise NotAuthenticated("missing bearer API key")
-    with runtime.reads() as session:
-        return auth.authenticate(session, authorization.removeprefix("Bearer ").strip())
-
-
-CurrentPrincipal = Annotated[Principal, Depends(_principal)]
-
-
-def _allow(*roles: Role) -> Any:
-    """A dependency admitting only ``roles``; it runs before the body is validated."""
-
-    def dependency(principal: CurrentPrincipal) -> Principal:
-        principal.require(*roles)
-        return principal
-
-    return Depends(dependency)
-
-
-Uploader = Annotated[Principal, _allow(Role.UPLOADER)]
-Reader = Annotated[Principal, _allow(Role.UPLOADER, Role.RADIOLOGIST, Role.AUDITOR)]
-Admin = Annotated[Principal, _allow(Role.ADMIN)]
 
 
 def _item(case: Case) -> dict[str, Any]:

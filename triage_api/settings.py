@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     sla_elevated_minutes: float = Field(240, gt=0)
     sla_routine_minutes: float = Field(1440, gt=0)
 
+    audit_key_file: Path | None = None
+    """Ed25519 key that signs audit checkpoints; empty means ``<data_dir>/secrets/audit-ed25519.key``.
+    Keep it outside the database (and its backups)."""
+    audit_checkpoint_events: int = Field(1000, ge=1)
+    audit_checkpoint_seconds: float = Field(300, gt=0)
+
     @model_validator(mode="after")
     def _slas_ordered(self) -> Settings:
         if not self.sla_critical_minutes <= self.sla_elevated_minutes <= self.sla_routine_minutes:
@@ -52,6 +58,10 @@ class Settings(BaseSettings):
     @property
     def secret_dir(self) -> Path:
         return self.data_dir / "secrets"
+
+    @property
+    def audit_key_path(self) -> Path:
+        return self.audit_key_file or self.secret_dir / "audit-ed25519.key"
 
     @property
     def sqlalchemy_url(self) -> str:

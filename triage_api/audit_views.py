@@ -1,0 +1,7 @@
+"""Audit routes (``GET /v1/audit``)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter()

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from audit.log import EventCode, record
 from models.bundle import load_bundle
-from triage_api import audit_views, auth, cases, ingest
+from triage_api import appeal_views, audit_views, auth, cases, ingest, reading, reading_views
 from triage_api.auth import Role
 from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
 from triage_api.deps import Admin, Reader, Runtime, RuntimeDep, Uploader
@@ -29,14 +29,15 @@ from triage_api.errors import Conflict, NotFound, error_body, install_handlers
 from triage_api.schemas import (
     CaseRead,
     KeyRevoked,
-    PredictionRead,
     StudyCreated,
     UserCreate,
     UserCreated,
     WorklistItem,
+    case_read,
+    worklist_item,
 )
 from triage_api.settings import Settings
-from triage_api.tables import Case, Prediction, User
+from triage_api.tables import User
 from triage_api.worker import Worker
 
 log = logging.getLogger("triage")
@@ -162,33 +163,10 @@ def create_app(settings: Settings) -> FastAPI:
     install_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)
     _routes(app)
+    app.include_router(reading_views.router)
+    app.include_router(appeal_views.router)
     app.include_router(audit_views.router)
     return app
-
-
-def _item(case: Case) -> dict[str, Any]:
-    return {
-        "id": case.id,
-        "clinic_id": case.clinic_id,
-        "status": case.status,
-        "reason": case.reason,
-        "risk": case.risk,
-        "tier": case.tier,
-        "deadline": case.deadline,
-        "waited_seconds": round(cases.waited_seconds(case), 3),
-        "model_version": case.model_ref,
-    }
-
-
-def _case_read(case: Case, prediction: Prediction | None) -> CaseRead:
-    return CaseRead(
-        **_item(case),
-        media_type=case.media_type,
-        modality=case.modality,
-        body_part=case.body_part,
-        received_at=case.received_at,
-        prediction=PredictionRead.model_validate(prediction, from_attributes=True) if prediction else None,
-    )
 
 
 def _routes(app: FastAPI) -> None:
@@ -230,7 +208,7 @@ def _routes(app: FastAPI) -> None:
         """One case with its current prediction."""
         with transaction(runtime.factory) as session:
             case, prediction = cases.read_case(session, principal=principal, case_id=case_id)
-            return _case_read(case, prediction)
+            return case_read(case, prediction, reading.primary_read(session, case.id))
 
     @app.get("/v1/worklist", response_model=list[WorklistItem])
     def get_worklist(
@@ -238,15 +216,22 @@ def _routes(app: FastAPI) -> None:
         principal: Reader,
         status: Annotated[str | None, Query(pattern="^(queued|running|scored|not_analyzed|failed)$")] = None,
         tier: Annotated[str | None, Query(pattern="^(critical|elevated|routine)$")] = None,
+        unread: bool | None = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 100,
         offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
     ) -> list[WorklistItem]:
         """The caller's cases, earliest reading deadline first."""
         with transaction(runtime.factory) as session:
             rows = cases.worklist(
-                session, principal=principal, status=status, tier=tier, limit=limit, offset=offset
+                session,
+                principal=principal,
+                status=status,
+                tier=tier,
+                unread=unread,
+                limit=limit,
+                offset=offset,
             )
-            return [WorklistItem(**_item(case)) for case in rows]
+            return [worklist_item(case) for case in rows]
 
     @app.post("/v1/users", response_model=UserCreated, status_code=201)
     def create_user(runtime: RuntimeDep, principal: Admin, body: UserCreate) -> UserCreated:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from audit.log import EventCode, record
-from triage_api.auth import Principal
-from triage_api.errors import NotFound
-from triage_api.tables import Case, Prediction
+from triage_api.auth import Principal, Role
+from triage_api.errors import NotFound, NotPermitted
+from triage_api.tables import Appeal, Case, Prediction
 
 
 def scoped_case(session: Session, principal: Principal, case_id: str) -> Case:
@@ -25,9 +23,31 @@ def scoped_case(session: Session, principal: Principal, case_id: str) -> Case:
     return case
 
 
+def appeal_reader_of(session: Session, principal: Principal, case_id: str) -> Appeal | None:
+    """The open appeal on ``case_id`` that ``principal`` is the blinded second reader of."""
+    return session.execute(
+        select(Appeal).where(
+            Appeal.case_id == case_id, Appeal.assigned_to == principal.user_id, Appeal.status == "assigned"
+        )
+    ).scalar_one_or_none()
+
+
+def unblinded_case(session: Session, principal: Principal, case_id: str) -> Case:
+    """A case in scope that the caller may see with its AI score and first read.
+
+    Raises:
+        NotFound: outside the caller's clinics.
+        NotPermitted: the caller is this case's blinded appeal reader.
+    """
+    case = scoped_case(session, principal, case_id)
+    if principal.role is Role.RADIOLOGIST and appeal_reader_of(session, principal, case.id):
+        raise NotPermitted("you are this case's appeal reader; open it through the appeal (blinded)")
+    return case
+
+
 def read_case(session: Session, *, principal: Principal, case_id: str) -> tuple[Case, Prediction | None]:
     """A case with its current prediction; the read is audited (110103)."""
-    case = scoped_case(session, principal, case_id)
+    case = unblinded_case(session, principal, case_id)
     prediction = session.execute(
         select(Prediction).where(Prediction.case_id == case.id).order_by(Prediction.attempt.desc()).limit(1)
     ).scalar_one_or_none()
@@ -48,15 +68,23 @@ def worklist(
     principal: Principal,
     status: str | None = None,
     tier: str | None = None,
+    unread: bool | None = None,
     limit: int = 100,
     offset: int = 0,
 ) -> list[Case]:
     """The caller's clinics' cases, earliest deadline first; the query is audited (110112)."""
     query = select(Case).where(Case.clinic_id.in_(principal.clinic_ids))
+    if principal.role is Role.RADIOLOGIST:  # an appeal's second reader meets the case only blinded
+        blinded = select(Appeal.case_id).where(
+            Appeal.assigned_to == principal.user_id, Appeal.status == "assigned"
+        )
+        query = query.where(Case.id.not_in(blinded))
     if status is not None:
         query = query.where(Case.status == status)
     if tier is not None:
         query = query.where(Case.tier == tier)
+    if unread is not None:
+        query = query.where(Case.read_at.is_(None) if unread else Case.read_at.is_not(None))
     query = query.order_by(Case.deadline, Case.received_at, Case.id).limit(limit).offset(offset)
     cases = list(session.execute(query).scalars())
     record(
@@ -66,10 +94,13 @@ def worklist(
         code=EventCode.QUERY,
         object_type="worklist",
         object_id=",".join(str(c) for c in sorted(principal.clinic_ids))[:64],
-        details={"status": status, "tier": tier, "limit": limit, "offset": offset, "count": len(cases)},
+        details={
+            "status": status,
+            "tier": tier,
+            "unread": unread,
+            "limit": limit,
+            "offset": offset,
+            "count": len(cases),
+        },
     )
     return cases
-
-
-def waited_seconds(case: Case, now: datetime | None = None) -> float:
-    return ((now or datetime.now(UTC)) - case.received_at).total_seconds()

@@ -43,6 +43,12 @@ class UnsupportedMediaType(TriageError):
     status, code = 415, "unsupported_media_type"
 
 
+class InvalidRequest(TriageError):
+    """A well-formed request that breaks a domain rule (e.g. an override with no reason)."""
+
+    status, code = 422, "invalid_request"
+
+
 class InvalidStudy(TriageError):
     status, code = 422, "invalid_study"
 

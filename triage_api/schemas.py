@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from triage_api.auth import Role
+from triage_api.tables import Case, Prediction, Read
 
 
 class StudyCreated(BaseModel):
@@ -36,6 +38,8 @@ class WorklistItem(BaseModel):
     deadline: datetime
     waited_seconds: float
     model_version: str | None
+    claimed_by: int | None
+    read_at: datetime | None
 
 
 class CaseRead(WorklistItem):
@@ -44,6 +48,7 @@ class CaseRead(WorklistItem):
     body_part: str | None
     received_at: datetime
     prediction: PredictionRead | None
+    read: ReadOut | None
 
 
 class UserCreate(BaseModel):
@@ -65,3 +70,135 @@ class UserCreated(BaseModel):
 class KeyRevoked(BaseModel):
     prefix: str
     revoked_at: datetime
+
+
+Finding = Literal["normal", "pneumonia", "other_finding", "non_diagnostic"]
+OverrideReason = Literal[
+    "false_positive", "false_negative", "image_quality", "outside_intended_use", "clinical_context", "other"
+]
+PriorityReason = Literal[
+    "clinical_urgency", "clinical_context", "image_quality", "requested_by_clinic", "other"
+]
+Tier = Literal["critical", "elevated", "routine"]
+AppealCategory = Literal["read_too_late", "disagree_with_result", "ai_should_not_have_been_applied", "other"]
+AppealOutcome = Literal["upheld", "overturned", "partially"]
+"""About the original result: upheld (it stands), overturned (changed), partially (amended)."""
+
+
+class ReadCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    finding: Finding
+    agrees_with_ai: bool | None = None
+    override_reason: OverrideReason | None = None
+    note: str | None = Field(None, max_length=2000)
+    ai_score_shown: bool = Field(description="Whether the AI score was on screen during the read.")
+
+
+class ReadOut(BaseModel):
+    id: int
+    case_id: str
+    reader_id: int
+    kind: str
+    finding: str
+    agrees_with_ai: bool | None
+    override_reason: str | None
+    ai_score_shown: bool
+    created_at: datetime
+
+
+class ClaimOut(BaseModel):
+    case_id: str
+    claimed_by: int | None
+    claimed_at: datetime | None
+
+
+class PriorityChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tier: Tier
+    reason: PriorityReason
+    note: str | None = Field(None, max_length=2000)
+
+
+class AppealCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    case_id: str = Field(min_length=1, max_length=32)
+    category: AppealCategory
+    grounds: str = Field(min_length=1, max_length=4000)
+    contact_reference: str = Field(
+        min_length=1,
+        max_length=100,
+        description="The clinic's own reference for the contact; no patient data.",
+    )
+
+
+class AppealAssign(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reader_id: int
+
+
+class AppealDecision(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    finding: Finding
+    outcome: AppealOutcome
+    rationale: str = Field(min_length=1, max_length=4000)
+
+
+class AppealRead(BaseModel):
+    id: int
+    case_id: str
+    clinic_id: int
+    category: str
+    grounds: str
+    contact_reference: str
+    status: str
+    due_at: datetime
+    assigned_to: int | None
+    outcome: str | None
+    rationale: str | None
+    decided_at: datetime | None
+    created_at: datetime
+    second_read_finding: str | None
+
+
+class BlindedCase(BaseModel):
+    """The second reader's view: the study, without the AI score and without the first read."""
+
+    appeal_id: int
+    case_id: str
+    media_type: str
+    modality: str | None
+    body_part: str | None
+    received_at: datetime
+
+
+def worklist_item(case: Case) -> WorklistItem:
+    return WorklistItem(
+        id=case.id,
+        clinic_id=case.clinic_id,
+        status=case.status,
+        reason=case.reason,
+        risk=case.risk,
+        tier=case.tier,
+        deadline=case.deadline,
+        waited_seconds=round((datetime.now(UTC) - case.received_at).total_seconds(), 3),
+        model_version=case.model_ref,
+        claimed_by=case.claimed_by,
+        read_at=case.read_at,
+    )
+
+
+def case_read(case: Case, prediction: Prediction | None, read: Read | None) -> CaseRead:
+    return CaseRead(
+        **worklist_item(case).model_dump(),
+        media_type=case.media_type,
+        modality=case.modality,
+        body_part=case.body_part,
+        received_at=case.received_at,
+        prediction=PredictionRead.model_validate(prediction, from_attributes=True) if prediction else None,
+        read=ReadOut.model_validate(read, from_attributes=True) if read else None,
+    )

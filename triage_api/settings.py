@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     sla_elevated_minutes: float = Field(240, gt=0)
     sla_routine_minutes: float = Field(1440, gt=0)
 
+    appeal_due_hours: float = Field(72, gt=0)
+
     audit_key_file: Path | None = None
     """Ed25519 key that signs audit checkpoints; empty means ``<data_dir>/secrets/audit-ed25519.key``.
     Keep it outside the database (and its backups)."""

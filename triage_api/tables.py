@@ -109,6 +109,10 @@ class Case(Base):
     accession_number: Mapped[str | None] = mapped_column(String(64), nullable=True)
     study_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
     uploaded_by: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    claimed_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    read_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    """When the primary read was recorded; None while unread."""
 
 
 class Job(Base):
@@ -138,4 +142,61 @@ class Prediction(Base):
     risk: Mapped[float] = mapped_column(Float)
     tier: Mapped[str] = mapped_column(String(20))
     inference_ms: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Read(Base):
+    """A radiologist's final read of a case: the primary read, or an appeal's second read."""
+
+    __tablename__ = "reads"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[str] = mapped_column(ForeignKey("cases.id"), index=True)
+    reader_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(20))  # primary | appeal
+    appeal_id: Mapped[int | None] = mapped_column(ForeignKey("appeals.id"), nullable=True)
+    finding: Mapped[str] = mapped_column(String(30))
+    agrees_with_ai: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    override_reason: Mapped[str | None] = mapped_column(String(30), nullable=True)
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)
+    ai_score_shown: Mapped[bool] = mapped_column(Boolean)
+    ai_risk: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """The risk the case carried when read (what the reader was shown, if shown)."""
+    model_ref: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Reprioritisation(Base):
+    """A deadline moved by hand: always with a reason."""
+
+    __tablename__ = "reprioritisations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[str] = mapped_column(ForeignKey("cases.id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    old_deadline: Mapped[datetime] = mapped_column(UTCDateTime)
+    new_deadline: Mapped[datetime] = mapped_column(UTCDateTime)
+    reason: Mapped[str] = mapped_column(String(30))
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Appeal(Base):
+    """A clinic's appeal, on behalf of its patient, for an independent second read."""
+
+    __tablename__ = "appeals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[str] = mapped_column(ForeignKey("cases.id"), index=True)
+    clinic_id: Mapped[int] = mapped_column(ForeignKey("clinics.id"), index=True)
+    filed_by: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    category: Mapped[str] = mapped_column(String(40))
+    grounds: Mapped[str] = mapped_column(Text)
+    contact_reference: Mapped[str] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(20), index=True)  # open | assigned | decided
+    due_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    assigned_to: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True, index=True)
+    outcome: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    rationale: Mapped[str | None] = mapped_column(Text, nullable=True)
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)

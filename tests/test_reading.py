@@ -1,0 +1,148 @@
+"""Reads and overrides: claims, agree/override with reasons, reprioritising by hand."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from audit.log import AuditEvent
+from tests.conftest import DATA, MakeKey, bearer, upload, wait_for
+from triage_api.tables import Read
+
+
+def scored_case(
+    client: TestClient, make_key: MakeKey, name: str = "cr_chest_pa_jpeg_baseline_siim.dcm"
+) -> str:
+    uploader = make_key("uploader", "north")
+    case_id = str(upload(client, uploader, (DATA / name).read_bytes()).json()["id"])
+    assert wait_for(client, uploader, case_id)["status"] in ("scored", "not_analyzed")
+    return case_id
+
+
+def test_claim_is_visible_and_exclusive_and_admin_can_release(client: TestClient, make_key: MakeKey) -> None:
+    case_id = scored_case(client, make_key)
+    first, second = bearer(make_key("radiologist", "north")), bearer(make_key("radiologist", "north"))
+    claimed = client.post(f"/v1/studies/{case_id}/claim", headers=first)
+    assert claimed.status_code == 200 and claimed.json()["claimed_by"] is not None
+    assert client.post(f"/v1/studies/{case_id}/claim", headers=second).status_code == 409
+    (item,) = client.get("/v1/worklist", headers=second).json()
+    assert item["claimed_by"] == claimed.json()["claimed_by"]
+    assert client.delete(f"/v1/studies/{case_id}/claim", headers=second).status_code == 403
+    released = client.delete(f"/v1/studies/{case_id}/claim", headers=bearer(make_key("admin")))
+    assert released.status_code == 200 and released.json()["claimed_by"] is None
+    assert client.post(f"/v1/studies/{case_id}/claim", headers=second).status_code == 200
+
+
+def test_agreeing_read_is_recorded_with_the_score_it_saw(client: TestClient, make_key: MakeKey) -> None:
+    case_id = scored_case(client, make_key)
+    reader = bearer(make_key("radiologist", "north"))
+    response = client.post(
+        f"/v1/studies/{case_id}/reads",
+        json={"finding": "normal", "agrees_with_ai": True, "ai_score_shown": True},
+        headers=reader,
+    )
+    assert response.status_code == 201, response.text
+    case = client.get(f"/v1/studies/{case_id}", headers=reader).json()
+    assert case["read"]["finding"] == "normal" and case["read"]["ai_score_shown"] is True
+    assert case["read_at"] is not None
+    with client.app.state.runtime.factory() as session:
+        stored = session.execute(select(Read)).scalar_one()
+        assert stored.ai_risk == case["risk"] and stored.model_ref == case["model_version"]
+    again = client.post(
+        f"/v1/studies/{case_id}/reads",
+        json={"finding": "normal", "agrees_with_ai": True, "ai_score_shown": True},
+        headers=reader,
+    )
+    assert again.status_code == 409
+    unread = client.get("/v1/worklist?unread=true", headers=reader).json()
+    assert unread == []
+
+
+def test_override_needs_a_reason(client: TestClient, make_key: MakeKey) -> None:
+    case_id = scored_case(client, make_key)
+    reader = bearer(make_key("radiologist", "north"))
+    url = f"/v1/studies/{case_id}/reads"
+    no_reason = client.post(
+        url, json={"finding": "pneumonia", "agrees_with_ai": False, "ai_score_shown": True}, headers=reader
+    )
+    assert no_reason.status_code == 422
+    assert "reason" in no_reason.json()["error"]["message"]
+    no_stance = client.post(url, json={"finding": "pneumonia", "ai_score_shown": False}, headers=reader)
+    assert no_stance.status_code == 422
+    bad_reason = client.post(
+        url,
+        json={
+            "finding": "pneumonia",
+            "agrees_with_ai": False,
+            "override_reason": "felt like it",
+            "ai_score_shown": True,
+        },
+        headers=reader,
+    )
+    assert bad_reason.status_code == 422
+    ok = client.post(
+        url,
+        json={
+            "finding": "pneumonia",
+            "agrees_with_ai": False,
+            "override_reason": "false_negative",
+            "note": "Zebulon Canaryfield's film, see prior",
+            "ai_score_shown": True,
+        },
+        headers=reader,
+    )
+    assert ok.status_code == 201
+    assert ok.json()["override_reason"] == "false_negative"
+    with client.app.state.runtime.factory() as session:
+        event = session.execute(select(AuditEvent).where(AuditEvent.action == "case.override")).scalar_one()
+    assert (
+        "false_negative" in event.details and "Canaryfield" not in event.details
+    )  # notes stay out of the log
+
+
+def test_case_without_ai_result_takes_no_agreement(client: TestClient, make_key: MakeKey) -> None:
+    case_id = scored_case(client, make_key, "dx_thorax_dog_monochrome1.dcm")  # not_analyzed
+    reader = bearer(make_key("radiologist", "north"))
+    url = f"/v1/studies/{case_id}/reads"
+    refused = client.post(
+        url,
+        json={"finding": "other_finding", "agrees_with_ai": True, "ai_score_shown": False},
+        headers=reader,
+    )
+    assert refused.status_code == 422
+    accepted = client.post(url, json={"finding": "other_finding", "ai_score_shown": False}, headers=reader)
+    assert accepted.status_code == 201
+
+
+def test_reprioritise_moves_the_deadline_with_a_reason(client: TestClient, make_key: MakeKey) -> None:
+    case_id = scored_case(client, make_key)
+    reader = bearer(make_key("radiologist", "north"))
+    settings = client.app.state.runtime.settings
+    assert (
+        client.post(f"/v1/studies/{case_id}/priority", json={"tier": "critical"}, headers=reader).status_code
+        == 422
+    )
+    moved = client.post(
+        f"/v1/studies/{case_id}/priority",
+        json={"tier": "critical", "reason": "clinical_urgency"},
+        headers=reader,
+    )
+    assert moved.status_code == 200
+    body = moved.json()
+    case = client.get(f"/v1/studies/{case_id}", headers=reader).json()
+    waited = datetime.fromisoformat(body["deadline"]) - datetime.fromisoformat(case["received_at"])
+    assert body["tier"] == "critical" and waited == timedelta(minutes=settings.sla_critical_minutes)
+
+
+def test_image_is_served_to_readers_in_scope(client: TestClient, make_key: MakeKey) -> None:
+    case_id = scored_case(client, make_key)
+    image = client.get(f"/v1/studies/{case_id}/image", headers=bearer(make_key("radiologist", "north")))
+    assert (
+        image.status_code == 200
+        and image.content == (DATA / "cr_chest_pa_jpeg_baseline_siim.dcm").read_bytes()
+    )
+    assert image.headers["content-type"] == "application/dicom"
+    other = client.get(f"/v1/studies/{case_id}/image", headers=bearer(make_key("radiologist", "south")))
+    assert other.status_code == 404

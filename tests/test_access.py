@@ -32,6 +32,7 @@ ALLOWED: dict[tuple[str, str], set[str]] = {
     ("GET", "/v1/appeals/{appeal_id}/case"): {"radiologist"},
     ("GET", "/v1/appeals/{appeal_id}/image"): {"radiologist"},
     ("POST", "/v1/appeals/{appeal_id}/decision"): {"radiologist"},
+    ("GET", "/v1/metrics/model"): {"auditor"},
 }
 ROLES = ("uploader", "radiologist", "auditor", "admin")
 

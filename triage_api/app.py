@@ -6,7 +6,7 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,7 +21,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from audit.log import EventCode, record
 from models.bundle import load_bundle
-from triage_api import appeal_views, audit_views, auth, cases, ingest, reading, reading_views
+from triage_api import (
+    appeal_views,
+    audit_views,
+    auth,
+    cases,
+    ingest,
+    monitoring,
+    monitoring_views,
+    reading,
+    reading_views,
+)
 from triage_api.auth import Role
 from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
 from triage_api.deps import Admin, Reader, Runtime, RuntimeDep, Uploader
@@ -112,6 +122,26 @@ def bootstrap_admin(factory: sessionmaker[Session]) -> str | None:
         return None
 
 
+def _periodic(
+    stop: threading.Event, interval: float, name: str, task: Callable[[], None]
+) -> threading.Thread:
+    """A daemon thread running ``task`` every ``interval`` seconds until ``stop`` is set."""
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            try:
+                task()
+            except Exception as exc:  # a failed round is retried at the next interval
+                log.error("%s failed (%s)", name, type(exc).__name__)
+
+    return threading.Thread(target=loop, name=name, daemon=True)
+
+
+def _monitor(factory: sessionmaker[Session], settings: Settings) -> None:
+    with transaction(factory) as session:
+        monitoring.check_alerts(session, settings=settings)
+
+
 def create_app(settings: Settings) -> FastAPI:
     """Build the app. Nothing touches disk, database or model until the lifespan starts."""
 
@@ -139,16 +169,23 @@ def create_app(settings: Settings) -> FastAPI:
             read_or_create_secret(settings.secret_dir / "pseudonym.key"),
         )
         stop = threading.Event()
-        thread = None
+        threads = [
+            _periodic(
+                stop, settings.monitor_interval_seconds, "triage-monitor", lambda: _monitor(factory, settings)
+            )
+        ]
         if settings.run_worker:
             worker = Worker(factory, settings, load_bundle(settings.model_path, settings.device))
-            thread = threading.Thread(target=worker.run, args=(stop,), name="triage-worker", daemon=True)
+            threads.append(
+                threading.Thread(target=worker.run, args=(stop,), name="triage-worker", daemon=True)
+            )
+        for thread in threads:
             thread.start()
         try:
             yield
         finally:
             stop.set()
-            if thread is not None:
+            for thread in threads:
                 thread.join(timeout=30)
             read_engine.dispose()
             engine.dispose()
@@ -165,6 +202,7 @@ def create_app(settings: Settings) -> FastAPI:
     _routes(app)
     app.include_router(reading_views.router)
     app.include_router(appeal_views.router)
+    app.include_router(monitoring_views.router)
     app.include_router(audit_views.router)
     return app
 

@@ -41,6 +41,13 @@ class Settings(BaseSettings):
 
     appeal_due_hours: float = Field(72, gt=0)
 
+    monitor_interval_seconds: float = Field(900, gt=0)
+    """How often the service checks the monitoring bounds below."""
+    monitor_window_hours: float = Field(168, gt=0)
+    alert_override_rate: float = Field(0.3, gt=0, le=1)
+    alert_drift_psi: float = Field(0.25, gt=0)
+    alert_min_reads: int = Field(20, ge=1)
+
     audit_key_file: Path | None = None
     """Ed25519 key that signs audit checkpoints; empty means ``<data_dir>/secrets/audit-ed25519.key``.
     Keep it outside the database (and its backups)."""

@@ -166,3 +166,40 @@ def test_psi_is_zero_for_the_same_distribution_and_grows_with_shift() -> None:
     reference = rng.beta(2, 5, 5000)
     assert monitoring.psi(reference, reference) == pytest.approx(0.0)
     assert monitoring.psi(rng.beta(5, 2, 5000), reference) > 1.0
+
+
+def test_export_reads_marks_ai_influence_and_holds_back_open_appeals(
+    client: TestClient, scenario: str, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    import csv
+
+    from triage_api.export import export_reads
+
+    factory = client.app.state.runtime.factory
+    with transaction(factory) as session:
+        appealed = session.execute(select(Case).where(Case.risk == 0.9)).scalar_one()
+        user = session.execute(select(User).where(User.role == "uploader")).scalar_one()
+        session.add(
+            Appeal(
+                case_id=appealed.id,
+                clinic_id=appealed.clinic_id,
+                filed_by=user.id,
+                category="other",
+                grounds="g",
+                contact_reference="r",
+                status="open",
+                due_at=NOW,
+                created_at=NOW,
+            )
+        )
+    out = tmp_path / "reads.csv"
+    with transaction(factory) as session:
+        summary = export_reads(session, actor="test", out=out)
+    rows = list(csv.DictReader(out.read_text().splitlines()))
+    assert (summary.rows, summary.held_back_open_appeal) == (2, 1)  # 3 read cases, one under open appeal
+    assert {r["label"] for r in rows} == {"normal", "pneumonia"}
+    assert all(r["ai_score_shown"] == "True" and r["label_source"] == "primary" for r in rows)
+    assert appealed.id not in {r["case_id"] for r in rows}
+    with factory() as session:
+        event = session.execute(select(AuditEvent).where(AuditEvent.action == "reads.export")).scalar_one()
+    assert event.event_code == "110106"

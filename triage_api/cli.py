@@ -8,6 +8,8 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
 
 from audit.log import EventCode, record
 from triage_api import auth
@@ -92,6 +94,32 @@ def _users_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_reads(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from triage_api.export import export_reads
+    from triage_api.tables import Clinic
+
+    settings = Settings()
+    engine = make_engine(settings.sqlalchemy_url)
+    migrate(engine)
+    with transaction(make_sessionmaker(engine)) as session:
+        clinic_ids = None
+        if args.clinic:
+            clinic_ids = set(session.execute(select(Clinic.id).where(Clinic.name.in_(args.clinic))).scalars())
+            if len(clinic_ids) != len(set(args.clinic)):
+                print("error: unknown clinic", file=sys.stderr)
+                return 2
+        summary = export_reads(
+            session, actor="cli", out=Path(args.out), clinic_ids=clinic_ids, since=args.since
+        )
+    print(
+        f"{summary.rows} reads written to {args.out} ({summary.labels_made_with_ai_shown} made with the AI "
+        f"score shown); {summary.held_back_open_appeal} held back under an open appeal"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="triage", description="On-premise AI triage for medical imaging.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = users.add_parser("revoke", help="revoke an API key by its prefix")
     revoke.add_argument("prefix")
     revoke.set_defaults(func=_users_revoke)
+
+    export = commands.add_parser(
+        "export-reads", help="write confirmed reads as a labelled dataset for retraining (CSV, no pixels)"
+    )
+    export.add_argument("out", help="CSV file to write")
+    export.add_argument("--clinic", action="append", default=[], help="clinic name; repeat for several")
+    export.add_argument(
+        "--since", type=datetime.fromisoformat, default=None, help="reads from (ISO time, with zone)"
+    )
+    export.set_defaults(func=_export_reads)
     return parser
 
 

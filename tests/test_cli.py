@@ -151,3 +151,52 @@ def test_serve_end_to_end_on_loopback(tmp_path: Path, database_url: str, tiny_bu
             assert not any("shown once" in line for line in lines)
         finally:
             stop(again)
+
+
+def test_separate_worker_process_scores_and_stops_on_sigterm(
+    tmp_path: Path, database_url: str, tiny_bundle: Path
+) -> None:
+    """`triage serve --workers 0` takes uploads; a `triage worker` process scores them."""
+    port = free_port()
+    env = triage_env(tmp_path, database_url, tiny_bundle, port)
+    key = run_triage(
+        env, "users", "add", "--clinic", "north", "--role", "uploader", "--name", "pacs"
+    ).stdout.strip()
+    api = subprocess.Popen(
+        [sys.executable, "-m", "triage_api.cli", "serve", "--workers", "0"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "triage_api.cli", "worker", "--batch", "4"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    with api, worker:
+        try:
+            read_until(api, "Uvicorn running on")
+            headers = {"Authorization": f"Bearer {key}"}
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+                ids = [
+                    http.post(
+                        "/v1/studies", headers=headers, files={"file": (name, (DATA / name).read_bytes())}
+                    ).json()["id"]
+                    for name in ("cr_chest_pa_jpeg_baseline_siim.dcm", "cr_chest_pa_monochrome1_siim.dcm")
+                ]
+                deadline = time.monotonic() + 60
+                statuses: list[str] = []
+                while time.monotonic() < deadline:
+                    statuses = [http.get(f"/v1/studies/{i}", headers=headers).json()["status"] for i in ids]
+                    if statuses == ["scored", "scored"]:
+                        break
+                    time.sleep(0.1)
+                assert statuses == ["scored", "scored"]
+        finally:
+            os.kill(worker.pid, signal.SIGTERM)
+            assert worker.wait(timeout=30) == 0  # a clean stop: the loop ends, the engine closes
+            stop(api)

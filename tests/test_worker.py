@@ -58,15 +58,15 @@ def test_expired_lease_is_reclaimed_and_late_write_discarded(
     client = quiet_client
     case_id = queue_study(client, make_key("uploader", "north"))
     crashed, rescuer = new_worker(client, manual), new_worker(client, manual)
-    first = crashed.claim()
-    assert first is not None and first.attempt == 1
-    assert rescuer.claim() is None  # the lease still holds
+    (first,) = crashed.claim()
+    assert first.attempt == 1
+    assert rescuer.claim() == []  # the lease still holds
     time.sleep(manual.lease_seconds + 0.2)
-    second = rescuer.claim()
-    assert second is not None and second.case_id == case_id and second.attempt == 2
-    assert rescuer.finish(second, rescuer.score(second)) is True
+    (second,) = rescuer.claim()
+    assert second.case_id == case_id and second.attempt == 2
+    assert rescuer.finish([second], rescuer.score([second])) == 1
     # The "crashed" worker wakes up and tries to write its stale result: fenced out.
-    assert crashed.finish(first, Result("scored", risk=0.99, inference_ms=1.0)) is False
+    assert crashed.finish([first], [Result("scored", risk=0.99, inference_ms=1.0)]) == 0
     predictions = rows(client, Prediction)
     assert [(p.case_id, p.attempt) for p in predictions] == [(case_id, 2)]
     (case,) = rows(client, Case)
@@ -89,8 +89,8 @@ def test_killed_worker_process_loses_nothing(
         settings = Settings.model_validate_json({manual.model_dump_json()!r})
         factory = make_sessionmaker(make_engine(settings.sqlalchemy_url))
         worker = Worker(factory, settings, load_bundle(settings.model_path))
-        claim = worker.claim()
-        print("claimed" if claim else "nothing", flush=True)
+        claims = worker.claim()
+        print("claimed" if claims else "nothing", flush=True)
         time.sleep(60)
         """
     )
@@ -124,9 +124,9 @@ def test_job_that_keeps_crashing_ends_failed_and_visible(
     case_id = queue_study(client, key)
     worker = new_worker(client, manual)
     for _ in range(manual.max_attempts):
-        assert worker.claim() is not None
+        assert len(worker.claim()) == 1
         time.sleep(manual.lease_seconds + 0.1)
-    assert worker.claim() is None
+    assert worker.claim() == []
     (case,) = rows(client, Case)
     assert case.status == "failed" and "gave up after 3 attempts" in (case.reason or "")
     listed = client.get("/v1/worklist", headers=bearer(make_key("radiologist", "north"))).json()
@@ -143,9 +143,9 @@ def test_tiers_set_deadlines_and_a_rescore_never_moves_one_later(
     risks = {}
     for name, risk in zip(names, (0.2, 0.95, 0.6), strict=False):
         case_id = queue_study(client, key, name)
-        claim = worker.claim()
-        assert claim is not None and claim.case_id == case_id
-        assert worker.finish(claim, Result("scored", risk=risk, inference_ms=1.0))
+        (claim,) = worker.claim()
+        assert claim.case_id == case_id
+        assert worker.finish([claim], [Result("scored", risk=risk, inference_ms=1.0)]) == 1
         risks[case_id] = risk
     cases = {c.id: c for c in rows(client, Case)}
     for case in cases.values():
@@ -165,9 +165,9 @@ def test_tiers_set_deadlines_and_a_rescore_never_moves_one_later(
     with client.app.state.runtime.factory() as session, session.begin():
         job = session.execute(select(Job).where(Job.case_id == critical_id)).scalar_one()
         job.status = "queued"
-    claim = worker.claim()
-    assert claim is not None and claim.case_id == critical_id
-    assert worker.finish(claim, Result("scored", risk=0.1, inference_ms=1.0))
+    (claim,) = worker.claim()
+    assert claim.case_id == critical_id
+    assert worker.finish([claim], [Result("scored", risk=0.1, inference_ms=1.0)]) == 1
     rescored = next(c for c in rows(client, Case) if c.id == critical_id)
     assert rescored.tier == "routine"
     assert rescored.deadline == cases[critical_id].deadline
@@ -206,3 +206,30 @@ def test_no_prediction_rows_are_duplicated(
         pass
     with client.app.state.runtime.factory() as session:
         assert session.execute(select(func.count()).select_from(Prediction)).scalar_one() == 2
+
+
+def test_batched_scores_equal_one_at_a_time(
+    quiet_client: TestClient, manual: Settings, make_key: MakeKey
+) -> None:
+    client = quiet_client
+    key = make_key("uploader", "north")
+    names = [
+        "cr_chest_pa_jpeg_baseline_siim.dcm",
+        "cr_chest_pa_monochrome1_siim.dcm",
+        "cxr_normal.jpeg",
+        "dx_thorax_dog_monochrome1.dcm",
+    ]
+    for name in names:
+        queue_study(client, key, name)
+    worker = new_worker(client, manual)
+    claims = worker.claim(limit=10)
+    assert len(claims) == 4
+    batched = worker.score(claims)
+    single = [worker.score([claim])[0] for claim in claims]
+    assert [r.status for r in batched] == ["scored", "scored", "scored", "not_analyzed"]
+    for b, s in zip(batched, single, strict=True):
+        assert b.status == s.status and b.reason == s.reason
+        if b.risk is not None:
+            assert b.risk == pytest.approx(s.risk, abs=1e-5)
+    assert worker.finish(claims, batched) == 4
+    assert {c.status for c in rows(client, Case)} == {"scored", "not_analyzed"}

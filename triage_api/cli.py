@@ -36,7 +36,8 @@ def _worker(args: argparse.Namespace) -> int:
     from triage_api.worker import Worker
 
     quiet_pydicom()
-    settings = Settings(**({"device": args.device} if args.device else {}))
+    overrides = {"device": args.device, "batch_size": args.batch}
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     engine = make_engine(settings.sqlalchemy_url)
     migrate(engine)
     worker = Worker(make_sessionmaker(engine), settings, load_bundle(settings.model_path, settings.device))
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="run a scoring worker against the shared database")
     worker.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0")
+    worker.add_argument("--batch", type=int, default=None, help="jobs per forward pass (default 16)")
     worker.set_defaults(func=_worker)
 
     commands.add_parser("migrate", help="bring the database schema up to date").set_defaults(func=_migrate)

@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(120.0, gt=0)
     poll_seconds: float = Field(0.5, gt=0)
     max_attempts: int = Field(3, ge=1)
+    batch_size: int = Field(16, ge=1, le=1024)
+    """Jobs a worker claims and scores in one forward pass."""
 
     sla_critical_minutes: float = Field(30, gt=0)
     sla_elevated_minutes: float = Field(240, gt=0)

@@ -1,6 +1,6 @@
-"""The scoring worker: claim a job under a lease, score it, write the result fenced.
+"""The scoring worker: claim jobs under a lease, score them in a batch, write results fenced.
 
-The same code runs in the API process (the embedded default) and, later, as separate
+The same code runs in the API process (the embedded default) and as separate
 ``triage worker`` processes. A worker that dies mid-job loses nothing: its lease expires
 and another worker claims the job again; a late write from the dead attempt is discarded
 because the result is fenced by the attempt number.
@@ -110,7 +110,7 @@ def model_input(data: bytes, media_type: str, card: ModelCard) -> np.ndarray:
 
 
 class Worker:
-    """Claims and scores jobs one at a time against the shared database and blob store."""
+    """Claims and scores batches of jobs against the shared database and blob store."""
 
     def __init__(self, factory: sessionmaker[Session], settings: Settings, bundle: Bundle) -> None:
         self.factory = factory
@@ -118,93 +118,112 @@ class Worker:
         self.bundle = bundle
         self.name = f"worker:{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
 
-    def claim(self) -> Claim | None:
-        """Take the oldest queued job, or one whose lease expired. Commits at once."""
+    def claim(self, limit: int = 1) -> list[Claim]:
+        """Take up to ``limit`` of the oldest queued jobs, or jobs whose lease expired.
+
+        Commits at once: no transaction is held while scoring. On PostgreSQL the rows are
+        locked with ``SKIP LOCKED`` so that concurrent workers take different jobs; a job
+        past ``max_attempts`` becomes a dead letter and its case ``failed``, visibly.
+        """
         now = datetime.now(UTC)
+        claims: list[Claim] = []
         with transaction(self.factory) as session:
             query = (
                 select(Job)
-                .where(
-                    or_(
-                        Job.status == "queued",
-                        and_(Job.status == "running", Job.lease_until < now),
-                    )
-                )
+                .where(or_(Job.status == "queued", and_(Job.status == "running", Job.lease_until < now)))
                 .order_by(Job.id)
-                .limit(1)
+                .limit(limit)
             )
             if session.get_bind().dialect.name == "postgresql":
                 query = query.with_for_update(skip_locked=True)
-            job = session.execute(query).scalar_one_or_none()
-            if job is None:
-                return None
-            case = session.get_one(Case, job.case_id)
-            job.attempts += 1
-            if job.attempts > self.settings.max_attempts:
-                job.status, job.lease_until = "dead", None
-                case.status = "failed"
-                case.reason = f"scoring gave up after {self.settings.max_attempts} attempts"
-                self._audit(session, case, "study.score.failed", Outcome.SERIOUS_FAILURE)
-                return None
-            job.status, job.worker = "running", self.name
-            job.lease_until = now + timedelta(seconds=self.settings.lease_seconds)
-            case.status = "running"
-            self._audit(session, case, "study.score.start", details={"attempt": job.attempts})
-            return Claim(job.id, case.id, job.attempts, case.sha256, case.media_type)
+            for job in session.execute(query).scalars().all():
+                case = session.get_one(Case, job.case_id)
+                job.attempts += 1
+                if job.attempts > self.settings.max_attempts:
+                    job.status, job.lease_until = "dead", None
+                    case.status = "failed"
+                    case.reason = f"scoring gave up after {self.settings.max_attempts} attempts"
+                    self._audit(session, case, "study.score.failed", Outcome.SERIOUS_FAILURE)
+                    continue
+                job.status, job.worker = "running", self.name
+                job.lease_until = now + timedelta(seconds=self.settings.lease_seconds)
+                case.status = "running"
+                self._audit(session, case, "study.score.start", details={"attempt": job.attempts})
+                claims.append(Claim(job.id, case.id, job.attempts, case.sha256, case.media_type))
+        return claims
 
-    def score(self, claim: Claim) -> Result:
-        """Decode, gate and score one claimed study. Never raises for bad pixels."""
-        data = blob_path(self.settings.blob_dir, claim.sha256).read_bytes()
-        try:
-            batch = model_input(data, claim.media_type, self.bundle.card)[None]
-        except NotForModel as exc:
-            return Result("not_analyzed", reason=str(exc))
-        except DecodeError as exc:
-            return Result("failed", reason=str(exc))
-        start = time.perf_counter()
-        risk = float(self.bundle.predict(batch)[0])
-        return Result("scored", risk=risk, inference_ms=(time.perf_counter() - start) * 1000)
+    def score(self, claims: list[Claim]) -> list[Result]:
+        """Decode, gate and score claimed studies with one forward pass. Never raises for bad pixels.
 
-    def finish(self, claim: Claim, result: Result) -> bool:
-        """Write a result if this worker still holds the attempt; False if fenced out."""
+        ``inference_ms`` is the batch's forward time divided by the studies in it.
+        """
+        results: dict[int, Result] = {}
+        inputs: list[np.ndarray] = []
+        scored: list[int] = []
+        for index, claim in enumerate(claims):
+            data = blob_path(self.settings.blob_dir, claim.sha256).read_bytes()
+            try:
+                inputs.append(model_input(data, claim.media_type, self.bundle.card))
+                scored.append(index)
+            except NotForModel as exc:
+                results[index] = Result("not_analyzed", reason=str(exc))
+            except DecodeError as exc:
+                results[index] = Result("failed", reason=str(exc))
+        if inputs:
+            start = time.perf_counter()
+            risks = self.bundle.predict(np.stack(inputs))
+            per_study_ms = (time.perf_counter() - start) * 1000 / len(inputs)
+            for index, risk in zip(scored, risks, strict=True):
+                results[index] = Result("scored", risk=float(risk), inference_ms=per_study_ms)
+        return [results[index] for index in range(len(claims))]
+
+    def finish(self, claims: list[Claim], results: list[Result]) -> int:
+        """Write results, in one transaction, for the attempts this worker still holds.
+
+        Returns:
+            How many were written; a claim whose lease was lost to another worker is skipped.
+        """
         card = self.bundle.card
+        written = 0
         with transaction(self.factory) as session:
-            job = session.get_one(Job, claim.job_id, with_for_update=True)
-            if job.status != "running" or job.attempts != claim.attempt or job.worker != self.name:
-                return False
-            case = session.get_one(Case, claim.case_id)
-            case.status, case.reason = result.status, result.reason
-            details: dict[str, object] = {"attempt": claim.attempt, "status": result.status}
-            if result.status == "scored" and result.risk is not None:
-                tier = tier_of(result.risk, card)
-                session.add(
-                    Prediction(
-                        case_id=case.id,
-                        attempt=claim.attempt,
-                        model_ref=card.ref,
-                        risk=result.risk,
-                        tier=tier,
-                        inference_ms=result.inference_ms or 0.0,
-                        created_at=datetime.now(UTC),
+            for claim, result in zip(claims, results, strict=True):
+                job = session.get_one(Job, claim.job_id, with_for_update=True)
+                if job.status != "running" or job.attempts != claim.attempt or job.worker != self.name:
+                    continue
+                case = session.get_one(Case, claim.case_id)
+                case.status, case.reason = result.status, result.reason
+                details: dict[str, object] = {"attempt": claim.attempt, "status": result.status}
+                if result.status == "scored" and result.risk is not None:
+                    tier = tier_of(result.risk, card)
+                    session.add(
+                        Prediction(
+                            case_id=case.id,
+                            attempt=claim.attempt,
+                            model_ref=card.ref,
+                            risk=result.risk,
+                            tier=tier,
+                            inference_ms=result.inference_ms or 0.0,
+                            created_at=datetime.now(UTC),
+                        )
                     )
-                )
-                case.risk, case.tier, case.model_ref = result.risk, tier, card.ref
-                # A rescore may move a deadline earlier, never later.
-                case.deadline = min(case.deadline, case.received_at + sla(tier, self.settings))
-                details.update(risk=round(result.risk, 6), tier=tier, model=card.ref)
-            else:
-                details["reason"] = result.reason
-            job.status, job.lease_until = "done", None
-            outcome = Outcome.SUCCESS if result.status != "failed" else Outcome.MINOR_FAILURE
-            self._audit(session, case, f"study.score.{result.status}", outcome, details)
-            return True
+                    case.risk, case.tier, case.model_ref = result.risk, tier, card.ref
+                    # A rescore may move a deadline earlier, never later.
+                    case.deadline = min(case.deadline, case.received_at + sla(tier, self.settings))
+                    details.update(risk=round(result.risk, 6), tier=tier, model=card.ref)
+                else:
+                    details["reason"] = result.reason
+                job.status, job.lease_until = "done", None
+                outcome = Outcome.SUCCESS if result.status != "failed" else Outcome.MINOR_FAILURE
+                self._audit(session, case, f"study.score.{result.status}", outcome, details)
+                written += 1
+        return written
 
     def run_once(self) -> bool:
-        """Claim and finish one job; False when there was nothing to do."""
-        claim = self.claim()
-        if claim is None:
+        """Claim, score and finish one batch; False when there was nothing to do."""
+        claims = self.claim(self.settings.batch_size)
+        if not claims:
             return False
-        self.finish(claim, self.score(claim))
+        self.finish(claims, self.score(claims))
         return True
 
     def run(self, stop: threading.Event) -> None:

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from models.bundle import load_bundle
-from tests.conftest import DATA, MakeKey, bearer, upload
+from tests.conftest import DATA, MakeKey, bearer, upload, wait_for
 from triage_api.app import create_app
 from triage_api.settings import Settings
 from triage_api.tables import Case, Job, Prediction
@@ -233,3 +233,24 @@ def test_batched_scores_equal_one_at_a_time(
             assert b.risk == pytest.approx(s.risk, abs=1e-5)
     assert worker.finish(claims, batched) == 4
     assert {c.status for c in rows(client, Case)} == {"scored", "not_analyzed"}
+
+
+def test_health_and_prometheus_metrics_describe_the_fleet(client: TestClient, make_key: MakeKey) -> None:
+    key = make_key("uploader", "north")
+    case_id = queue_study(client, key)
+    wait_for(client, key, case_id)
+    admin = bearer(make_key("admin"))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the heartbeat lands after the batch commits
+        health = client.get("/v1/health", headers=admin).json()
+        if health["workers"] and health["workers"][0]["studies"] >= 1:
+            break
+        time.sleep(0.1)
+    assert health["status"] == "ok" and health["jobs"]["done"] == 1
+    (worker,) = health["workers"]
+    assert worker["alive"] and worker["device"] == "cpu" and worker["model_ref"] == "tiny-test@0.0.1"
+    text = client.get("/metrics", headers=admin).text
+    assert 'triage_jobs{status="done"} 1' in text
+    assert 'triage_cases{status="scored"} 1' in text
+    assert "triage_time_to_score_seconds_count 1" in text
+    assert client.get("/metrics").status_code == 401

@@ -26,6 +26,7 @@ from triage_api import (
     audit_views,
     auth,
     cases,
+    health_views,
     ingest,
     monitoring,
     monitoring_views,
@@ -203,6 +204,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(reading_views.router)
     app.include_router(appeal_views.router)
     app.include_router(monitoring_views.router)
+    app.include_router(health_views.router)
     app.include_router(audit_views.router)
     return app
 

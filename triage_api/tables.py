@@ -216,3 +216,17 @@ class Alert(Base):
     window_start: Mapped[datetime] = mapped_column(UTCDateTime)
     window_end: Mapped[datetime] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class WorkerBeat(Base):
+    """A worker's heartbeat: who it is, what it runs, how much it did."""
+
+    __tablename__ = "worker_beats"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    device: Mapped[str] = mapped_column(String(40))
+    model_ref: Mapped[str] = mapped_column(String(100))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime)
+    batches: Mapped[int] = mapped_column(Integer)
+    studies: Mapped[int] = mapped_column(Integer)

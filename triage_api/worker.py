@@ -34,7 +34,7 @@ from models.preprocess import (
 from triage_api.db import transaction
 from triage_api.ingest import DICOM, blob_path
 from triage_api.settings import Settings
-from triage_api.tables import Case, Job, Prediction
+from triage_api.tables import Case, Job, Prediction, WorkerBeat
 
 log = logging.getLogger("triage.worker")
 
@@ -117,6 +117,9 @@ class Worker:
         self.settings = settings
         self.bundle = bundle
         self.name = f"worker:{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+        self.started_at = datetime.now(UTC)
+        self.batches = self.studies = 0
+        self._last_beat = 0.0
 
     def claim(self, limit: int = 1) -> list[Claim]:
         """Take up to ``limit`` of the oldest queued jobs, or jobs whose lease expired.
@@ -221,10 +224,30 @@ class Worker:
     def run_once(self) -> bool:
         """Claim, score and finish one batch; False when there was nothing to do."""
         claims = self.claim(self.settings.batch_size)
-        if not claims:
-            return False
-        self.finish(claims, self.score(claims))
-        return True
+        if claims:
+            self.finish(claims, self.score(claims))
+            self.batches += 1
+            self.studies += len(claims)
+        self.heartbeat()
+        return bool(claims)
+
+    def heartbeat(self, every_seconds: float = 5.0) -> None:
+        """Record that this worker is alive (at most every ``every_seconds``)."""
+        if time.monotonic() - self._last_beat < every_seconds:
+            return
+        with transaction(self.factory) as session:
+            beat = session.get(WorkerBeat, self.name)
+            if beat is None:
+                beat = WorkerBeat(
+                    name=self.name,
+                    device=str(self.bundle.device),
+                    model_ref=self.bundle.card.ref,
+                    started_at=self.started_at,
+                )
+                session.add(beat)
+            beat.last_seen = datetime.now(UTC)
+            beat.batches, beat.studies = self.batches, self.studies
+        self._last_beat = time.monotonic()
 
     def run(self, stop: threading.Event) -> None:
         """Work until ``stop`` is set; a failing iteration is logged, never fatal."""

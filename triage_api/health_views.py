@@ -1,0 +1,121 @@
+"""Operations: ``GET /v1/health`` (JSON) and ``GET /metrics`` (Prometheus text format).
+
+Both read the shared database, so they describe the whole fleet, not one process. They
+carry counts and timings only, never patient data.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter
+from fastapi.responses import PlainTextResponse
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from triage_api.auth import Principal, Role
+from triage_api.deps import RuntimeDep, allow
+from triage_api.tables import Case, Job, Prediction, WorkerBeat
+
+router = APIRouter()
+
+Operator = Annotated[Principal, allow(Role.ADMIN, Role.AUDITOR)]
+ALIVE_SECONDS = 30.0
+JOB_STATUSES = ("queued", "running", "done", "dead")
+CASE_STATUSES = ("queued", "running", "scored", "not_analyzed", "failed")
+
+
+def _counts(session: Session, column: Any, statuses: tuple[str, ...]) -> dict[str, int]:
+    found = {str(s): int(n) for s, n in session.execute(select(column, func.count()).group_by(column))}
+    return {status: found.get(status, 0) for status in statuses}
+
+
+def _fleet(session: Session, now: datetime) -> list[dict[str, Any]]:
+    workers = []
+    for beat in session.execute(select(WorkerBeat).order_by(WorkerBeat.name)).scalars():
+        age = (now - beat.last_seen).total_seconds()
+        uptime = max((beat.last_seen - beat.started_at).total_seconds(), 1e-9)
+        workers.append(
+            {
+                "name": beat.name,
+                "device": beat.device,
+                "model_ref": beat.model_ref,
+                "last_seen": beat.last_seen,
+                "alive": age <= ALIVE_SECONDS,
+                "batches": beat.batches,
+                "studies": beat.studies,
+                "batches_per_second": beat.batches / uptime,
+                "mean_batch_size": beat.studies / beat.batches if beat.batches else None,
+            }
+        )
+    return workers
+
+
+def _time_to_score(session: Session, now: datetime) -> list[float]:
+    rows = session.execute(
+        select(Prediction.created_at, Case.received_at)
+        .join(Case, Case.id == Prediction.case_id)
+        .where(Prediction.created_at >= now - timedelta(hours=1))
+    ).all()
+    return [(created - received).total_seconds() for created, received in rows]
+
+
+@router.get("/v1/health")
+def health(runtime: RuntimeDep, principal: Operator) -> dict[str, Any]:
+    """Queue depth, workers' heartbeats and the model they run."""
+    now = datetime.now(UTC)
+    with runtime.reads() as session:
+        jobs = _counts(session, Job.status, JOB_STATUSES)
+        workers = _fleet(session, now)
+        oldest = session.execute(select(func.min(Job.available_at)).where(Job.status == "queued")).scalar()
+    alive = any(w["alive"] for w in workers)
+    return {
+        "status": "ok" if alive or jobs["queued"] == 0 else "degraded",
+        "database": "ok",
+        "jobs": jobs,
+        "oldest_queued_seconds": (now - oldest).total_seconds() if oldest else None,
+        "workers": workers,
+    }
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+def metrics(runtime: RuntimeDep, principal: Operator) -> str:
+    """Prometheus exposition: queue depth, cases by status, workers, time to score."""
+    now = datetime.now(UTC)
+    with runtime.reads() as session:
+        jobs = _counts(session, Job.status, JOB_STATUSES)
+        cases = _counts(session, Case.status, CASE_STATUSES)
+        workers = _fleet(session, now)
+        waits = _time_to_score(session, now)
+    lines = [
+        "# HELP triage_jobs Scoring jobs by status.",
+        "# TYPE triage_jobs gauge",
+        *(f'triage_jobs{{status="{s}"}} {n}' for s, n in jobs.items()),
+        "# HELP triage_cases Cases by status.",
+        "# TYPE triage_cases gauge",
+        *(f'triage_cases{{status="{s}"}} {n}' for s, n in cases.items()),
+        "# HELP triage_worker_up 1 if the worker's heartbeat is recent.",
+        "# TYPE triage_worker_up gauge",
+        *(
+            f'triage_worker_up{{worker="{w["name"]}",device="{w["device"]}"}} {int(w["alive"])}'
+            for w in workers
+        ),
+        "# HELP triage_worker_batches_total Batches scored by the worker.",
+        "# TYPE triage_worker_batches_total counter",
+        *(f'triage_worker_batches_total{{worker="{w["name"]}"}} {w["batches"]}' for w in workers),
+        "# HELP triage_worker_studies_total Studies scored by the worker.",
+        "# TYPE triage_worker_studies_total counter",
+        *(f'triage_worker_studies_total{{worker="{w["name"]}"}} {w["studies"]}' for w in workers),
+        "# HELP triage_time_to_score_seconds Upload to committed prediction, last hour.",
+        "# TYPE triage_time_to_score_seconds summary",
+    ]
+    if waits:
+        for q in (0.5, 0.9, 0.99):
+            lines.append(f'triage_time_to_score_seconds{{quantile="{q}"}} {float(np.quantile(waits, q)):.6f}')
+    lines += [
+        f"triage_time_to_score_seconds_count {len(waits)}",
+        f"triage_time_to_score_seconds_sum {sum(waits):.6f}",
+    ]
+    return "\n".join(lines) + "\n"

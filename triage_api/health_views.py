@@ -28,7 +28,8 @@ CASE_STATUSES = ("queued", "running", "scored", "not_analyzed", "failed")
 
 
 def _counts(session: Session, column: Any, statuses: tuple[str, ...]) -> dict[str, int]:
-    found = {str(s): int(n) for s, n in session.execute(select(column, func.count()).group_by(column))}
+    rows = session.execute(select(column, func.count().label("n")).group_by(column))
+    found = {str(row[0]): int(row.n) for row in rows}
     return {status: found.get(status, 0) for status in statuses}
 
 

@@ -18,6 +18,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from sqlalchemy import func, select
 
 from tests.conftest import DATA, MakeKey, bearer, shared_data, upload, wait_for
+from triage_api.app import create_app
 from triage_api.errors import InvalidStudy
 from triage_api.ingest import validate
 from triage_api.settings import Settings
@@ -249,3 +250,18 @@ def test_deflated_transfer_syntax_is_refused_before_inflating(client: TestClient
     assert response.status_code == 422
     assert "Deflated" in response.json()["error"]["message"]
     assert count_cases(client) == 0
+
+
+def test_one_clinics_burst_is_rate_limited_and_others_are_not(settings: Settings, make_key: MakeKey) -> None:
+    limited = settings.model_copy(update={"upload_burst": 3, "uploads_per_minute": 1, "run_worker": False})
+    with TestClient(create_app(limited)) as client:
+        north, south = make_key("uploader", "north"), make_key("uploader", "south")
+        codes = [
+            upload(client, north, png_bytes(np.full((8, 8), n, np.uint8)), "p.png").status_code
+            for n in range(5)
+        ]
+        assert codes == [201, 201, 201, 429, 429]
+        refused = upload(client, north, png_bytes(np.full((8, 8), 99, np.uint8)), "p.png")
+        assert refused.json()["error"]["code"] == "rate_limited" and int(refused.headers["Retry-After"]) >= 1
+        assert upload(client, south, png_bytes(np.full((8, 8), 1, np.uint8)), "p.png").status_code == 201
+        assert count_cases(client) == 4

@@ -37,6 +37,7 @@ from triage_api.auth import Role
 from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
 from triage_api.deps import Admin, Reader, Runtime, RuntimeDep, Uploader
 from triage_api.errors import Conflict, NotFound, error_body, install_handlers
+from triage_api.ratelimit import ClinicRateLimiter
 from triage_api.schemas import (
     CaseRead,
     KeyRevoked,
@@ -168,6 +169,7 @@ def create_app(settings: Settings) -> FastAPI:
             make_sessionmaker(read_engine),
             read_engine,
             read_or_create_secret(settings.secret_dir / "pseudonym.key"),
+            ClinicRateLimiter(settings.uploads_per_minute, settings.upload_burst),
         )
         stop = threading.Event()
         threads = [
@@ -222,6 +224,8 @@ def _routes(app: FastAPI) -> None:
     )
     def upload_study(runtime: RuntimeDep, principal: Uploader, file: Annotated[UploadFile, File()]) -> Any:
         """Upload one study (DICOM Part 10, PNG or JPEG) for scoring."""
+        for clinic_id in principal.clinic_ids:
+            runtime.limiter.take(clinic_id)
         limit = runtime.settings.max_upload_bytes
         data = file.file.read(limit + 1)
         if len(data) > limit:

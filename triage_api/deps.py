@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from triage_api import auth
 from triage_api.auth import Principal, Role
 from triage_api.errors import NotAuthenticated
+from triage_api.ratelimit import ClinicRateLimiter
 from triage_api.settings import Settings
 
 
@@ -26,6 +27,7 @@ class Runtime:
     """Read-only sessions: on SQLite they never take the write lock; elsewhere the same pool."""
     read_engine: Engine
     pseudonym_key: bytes
+    limiter: ClinicRateLimiter
 
 
 def _runtime(request: Request) -> Runtime:

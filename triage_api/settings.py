@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     max_decoded_bytes: int = Field(256 * 1024 * 1024, gt=0)
     """Pixel budget: Rows x Columns x Frames x Samples x bytes per sample, from the header."""
 
+    uploads_per_minute: float = Field(1200, gt=0)
+    """Per clinic, per API process; bursts up to ``upload_burst``."""
+    upload_burst: int = Field(200, ge=1)
+
     run_worker: bool = True
     """Run the scoring worker inside the API process (the embedded default)."""
     lease_seconds: float = Field(120.0, gt=0)

@@ -150,7 +150,12 @@ def main() -> None:
             env={**env, "BENCH_OUT": str(work / "bare")},
             stdout=subprocess.DEVNULL,
         )
-        triage_env = {**env, "TRIAGE_DATA_DIR": str(work / "var"), "TRIAGE_PORT": str(triage_port)}
+        triage_env = {
+            **env,
+            "TRIAGE_DATA_DIR": str(work / "var"),
+            "TRIAGE_PORT": str(triage_port),
+            "TRIAGE_UPLOAD_BURST": str(10 * args.uploads),  # measure ingest, not the rate limit
+        }
         users = subprocess.run(
             [
                 sys.executable,

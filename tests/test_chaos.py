@@ -69,7 +69,11 @@ def test_nothing_is_lost_when_workers_and_the_api_are_killed(
     port = free_port()
     env = triage_env(tmp_path, database_url, tiny_bundle, port)
     env.update(
-        TRIAGE_LEASE_SECONDS="3", TRIAGE_POLL_SECONDS="0.1", TRIAGE_BATCH_SIZE="8", TRIAGE_MAX_ATTEMPTS="20"
+        TRIAGE_LEASE_SECONDS="3",
+        TRIAGE_POLL_SECONDS="0.1",
+        TRIAGE_BATCH_SIZE="8",
+        TRIAGE_MAX_ATTEMPTS="20",
+        TRIAGE_UPLOAD_BURST="1000",
     )
     key = run_triage(
         env, "users", "add", "--clinic", "north", "--role", "uploader", "--name", "pacs"

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -254,3 +255,23 @@ def test_health_and_prometheus_metrics_describe_the_fleet(client: TestClient, ma
     assert 'triage_cases{status="scored"} 1' in text
     assert "triage_time_to_score_seconds_count 1" in text
     assert client.get("/metrics").status_code == 401
+
+
+@pytest.mark.skipif(not os.environ.get("TRIAGE_TEST_DATABASE_URL"), reason="LISTEN/NOTIFY is PostgreSQL's")
+def test_notify_wakes_an_idle_worker_long_before_its_poll(manual: Settings, make_key: MakeKey) -> None:
+    slow_poll = manual.model_copy(update={"poll_seconds": 8.0})
+    with TestClient(create_app(slow_poll)) as client:
+        key = make_key("uploader", "north")
+        worker = new_worker(client, slow_poll)
+        stop = threading.Event()
+        thread = threading.Thread(target=worker.run, args=(stop,))
+        thread.start()
+        try:
+            time.sleep(1.0)  # the worker has found nothing and sleeps on LISTEN
+            started = time.monotonic()
+            case_id = queue_study(client, key)
+            wait_for(client, key, case_id, timeout=6)
+            assert time.monotonic() - started < 6  # well before the 8 s poll would fire
+        finally:
+            stop.set()
+            thread.join(timeout=20)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pydicom
 from PIL import Image
 from pydicom.uid import DeflatedExplicitVRLittleEndian
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -33,6 +33,9 @@ from triage_api.auth import Principal
 from triage_api.errors import InvalidStudy, NotPermitted, UnsupportedMediaType
 from triage_api.settings import Settings
 from triage_api.tables import Case, Job
+
+JOBS_CHANNEL = "triage_jobs"
+"""PostgreSQL NOTIFY channel that wakes idle workers when a job is queued."""
 
 DICOM = "application/dicom"
 PNG = "image/png"
@@ -265,6 +268,8 @@ def accept_study(
             session.add(case)
             session.add(Job(case_id=case.id, status="queued", attempts=0, available_at=now))
             session.flush()
+            if session.get_bind().dialect.name == "postgresql":
+                session.execute(text(f"NOTIFY {JOBS_CHANNEL}"))  # delivered on commit
             record(
                 session,
                 actor=principal.actor,

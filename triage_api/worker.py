@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
+import psycopg
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -32,7 +33,7 @@ from models.preprocess import (
     to_input,
 )
 from triage_api.db import transaction
-from triage_api.ingest import DICOM, blob_path
+from triage_api.ingest import DICOM, JOBS_CHANNEL, blob_path
 from triage_api.settings import Settings
 from triage_api.tables import Case, Job, Prediction, WorkerBeat
 
@@ -54,6 +55,28 @@ class Result:
     reason: str | None = None
     risk: float | None = None
     inference_ms: float | None = None
+
+
+class _Listener:
+    """A dedicated PostgreSQL connection that LISTENs for new jobs."""
+
+    def __init__(self, factory: sessionmaker[Session]) -> None:
+        with factory() as session:
+            url = session.get_bind().engine.url.set(drivername="postgresql")
+        self.connection = psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
+        self.connection.execute(f"LISTEN {JOBS_CHANNEL}")
+
+    def wait(self, timeout: float) -> bool:
+        """Block until a notification or ``timeout``; False if the connection is unusable."""
+        try:
+            for _ in self.connection.notifies(timeout=timeout, stop_after=1):
+                pass
+            return True
+        except psycopg.Error:
+            return False
+
+    def close(self) -> None:
+        self.connection.close()
 
 
 class NotForModel(Exception):
@@ -250,16 +273,35 @@ class Worker:
         self._last_beat = time.monotonic()
 
     def run(self, stop: threading.Event) -> None:
-        """Work until ``stop`` is set; a failing iteration is logged, never fatal."""
-        while not stop.is_set():
-            try:
-                busy = self.run_once()
-            except Exception as exc:
-                # The type only: messages from decoders may quote header values (PHI).
-                log.error("worker iteration failed (%s); retrying", type(exc).__name__)
-                busy = False
-            if not busy:
+        """Work until ``stop`` is set; a failing iteration is logged, never fatal.
+
+        When idle it sleeps for ``poll_seconds``; on PostgreSQL a ``NOTIFY`` from an upload
+        wakes it at once (polling stays the fallback if the listening connection drops).
+        """
+        listener = _Listener(self.factory) if self._on_postgres() else None
+        try:
+            while not stop.is_set():
+                try:
+                    busy = self.run_once()
+                except Exception as exc:
+                    # The type only: messages from decoders may quote header values (PHI).
+                    log.error("worker iteration failed (%s); retrying", type(exc).__name__)
+                    busy = False
+                if busy:
+                    continue
+                if listener is not None:
+                    if listener.wait(self.settings.poll_seconds):
+                        continue
+                    listener.close()  # broken: fall back to polling
+                    listener = None
                 stop.wait(self.settings.poll_seconds)
+        finally:
+            if listener is not None:
+                listener.close()
+
+    def _on_postgres(self) -> bool:
+        with self.factory() as session:
+            return session.get_bind().dialect.name == "postgresql"
 
     def _audit(
         self,

@@ -178,7 +178,11 @@ def create_app(settings: Settings) -> FastAPI:
             )
         ]
         if settings.run_worker:
-            worker = Worker(factory, settings, load_bundle(settings.model_path, settings.device))
+            worker = Worker(
+                factory,
+                settings,
+                load_bundle(settings.model_path, settings.device, compile=settings.compile_model),
+            )
             threads.append(
                 threading.Thread(target=worker.run, args=(stop,), name="triage-worker", daemon=True)
             )

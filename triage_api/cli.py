@@ -40,7 +40,11 @@ def _worker(args: argparse.Namespace) -> int:
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     engine = make_engine(settings.sqlalchemy_url)
     migrate(engine)
-    worker = Worker(make_sessionmaker(engine), settings, load_bundle(settings.model_path, settings.device))
+    worker = Worker(
+        make_sessionmaker(engine),
+        settings,
+        load_bundle(settings.model_path, settings.device, compile=settings.compile_model),
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

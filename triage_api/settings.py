@@ -20,6 +20,8 @@ class Settings(BaseSettings):
     """SQLAlchemy URL; empty means SQLite at ``<data_dir>/triage.db``."""
     model_path: Path = DEFAULT_BUNDLE
     device: str = "cpu"
+    compile_model: bool = False
+    """``torch.compile`` the served network (worth it on a GPU for long-running workers)."""
 
     host: str = "127.0.0.1"
     port: int = 8000

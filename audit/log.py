@@ -12,6 +12,8 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,7 +47,7 @@ class Outcome(int, enum.Enum):
 
 
 class AuditBase(DeclarativeBase):
-    pass
+    """The audit tables' own metadata: ``audit/`` does not depend on the service's tables."""
 
 
 class AuditEvent(AuditBase):
@@ -66,6 +68,37 @@ class AuditEvent(AuditBase):
     hash: Mapped[str] = mapped_column(String(64), unique=True)
 
 
+HASHED_COLUMNS = (
+    "seq",
+    "at",
+    "actor",
+    "action",
+    "event_code",
+    "object_type",
+    "object_id",
+    "outcome",
+    "details",
+    "prev_hash",
+)
+"""The columns covered by ``hash``, in table order (every column but ``hash`` itself)."""
+
+
+class AuditCheckpoint(AuditBase):
+    """A signed statement "the chain had ``count`` events, the last one ``head_seq`` with
+    ``head_hash``, at ``at``". Append-only like the events; the signing key is not in the
+    database, so a checkpoint cannot be forged by someone who can only write rows."""
+
+    __tablename__ = "audit_checkpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[str] = mapped_column(String(40))
+    count: Mapped[int] = mapped_column(Integer)
+    head_seq: Mapped[int] = mapped_column(Integer, index=True)
+    head_hash: Mapped[str] = mapped_column(String(64))
+    key_id: Mapped[str] = mapped_column(String(64))
+    signature: Mapped[str] = mapped_column(String(128))
+
+
 def canonical(row: dict[str, Any]) -> bytes:
     """The bytes that are hashed: sorted-key compact JSON of every column but ``hash``."""
     return json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
@@ -74,6 +107,19 @@ def canonical(row: dict[str, Any]) -> bytes:
 def chain_hash(prev_hash: str, row: dict[str, Any]) -> str:
     """``sha256(prev_hash || canonical(row))`` as hex."""
     return hashlib.sha256(prev_hash.encode() + canonical(row)).hexdigest()
+
+
+def lock_writers(session: Session) -> None:
+    """Queue behind other audit writers until the caller's transaction ends.
+
+    PostgreSQL: a transaction-scoped advisory lock. SQLite: nothing to do, the service's
+    write transactions start with ``BEGIN IMMEDIATE`` and so already hold the database lock.
+
+    Args:
+        session: the session whose transaction should hold the lock.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_LOCK_KEY})
 
 
 def record(
@@ -105,8 +151,7 @@ def record(
     Returns:
         The new event, flushed (its ``seq`` and ``hash`` are set).
     """
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_LOCK_KEY})
+    lock_writers(session)
     head = session.execute(
         select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
     ).first()
@@ -129,19 +174,85 @@ def record(
     return event
 
 
-def first_broken(session: Session) -> int | None:
-    """Walk the chain in order; return the first sequence number that does not verify.
+@dataclass(frozen=True)
+class ChainBreak:
+    """Where and why the chain stops verifying. ``reason`` names sequence numbers only."""
 
-    A row breaks the chain if its ``seq`` is not the previous plus one, its ``prev_hash`` is
-    not the previous row's hash, or its own hash does not match its content. Tail deletion
-    needs signed checkpoints to detect (a later issue).
+    seq: int
+    reason: str
+
+
+def find_break(
+    session: Session,
+    *,
+    on_row: Callable[[int, str], None] | None = None,
+    after: tuple[int, str] = (0, GENESIS_HASH),
+    batch: int = 10_000,
+) -> ChainBreak | None:
+    """Walk the chain in ``seq`` order and return the first place it does not verify.
+
+    A row breaks the chain if its ``seq`` is not the previous plus one (a row was deleted),
+    its ``prev_hash`` is not the previous row's hash (rows reordered, replaced or inserted),
+    or its own hash does not match its content (a row was edited). The walk streams rows;
+    it stops at the first break, since nothing after it can be trusted.
+
+    Args:
+        session: any session on the audit database (only reads).
+        on_row: called with ``(seq, hash)`` of every row that verified, in order; the
+            checkpoint verifier uses it to compare signed heads with the chain.
+        after: ``(seq, hash)`` of a row taken as verified; the walk starts at the next one
+            (the checkpointer checks only what it is about to sign).
+        batch: rows fetched per round trip.
+
+    Returns:
+        The first break, or None when every stored row verifies.
     """
-    expected_seq, prev_hash = 1, GENESIS_HASH
-    for event in session.execute(select(AuditEvent).order_by(AuditEvent.seq)).scalars():
-        row = {c.name: getattr(event, c.name) for c in AuditEvent.__table__.columns if c.name != "hash"}
-        if event.seq != expected_seq or event.prev_hash != prev_hash:
-            return expected_seq
-        if chain_hash(prev_hash, row) != event.hash:
-            return event.seq
-        expected_seq, prev_hash = event.seq + 1, event.hash
+    table = AuditEvent.__table__
+    columns = [table.c[name] for name in HASHED_COLUMNS]
+    result = session.execute(
+        select(*columns, table.c.hash).where(table.c.seq > after[0]).order_by(table.c.seq),
+        execution_options={"yield_per": batch},
+    )
+    try:
+        return _walk(result, after, on_row)
+    finally:
+        result.close()  # a server-side cursor left open on PostgreSQL when the walk stops early
+
+
+def _walk(
+    rows: Iterable[Sequence[Any]], after: tuple[int, str], on_row: Callable[[int, str], None] | None
+) -> ChainBreak | None:
+    expected_seq, prev_hash = after[0] + 1, after[1]
+    for values in rows:
+        row = dict(zip(HASHED_COLUMNS, values[:-1], strict=True))
+        seq, stored = row["seq"], values[-1]
+        if seq != expected_seq:
+            return ChainBreak(
+                expected_seq, f"event {expected_seq} is missing: the next stored event is {seq}"
+            )
+        if row["prev_hash"] != prev_hash:
+            return ChainBreak(
+                seq, f"event {seq} does not chain to event {seq - 1} (reordered, replaced or inserted)"
+            )
+        if chain_hash(prev_hash, row) != stored:
+            return ChainBreak(seq, f"event {seq} does not match its hash (edited)")
+        if on_row is not None:
+            on_row(seq, stored)
+        expected_seq, prev_hash = seq + 1, stored
     return None
+
+
+def first_broken(session: Session) -> int | None:
+    """The first sequence number that does not verify, or None (see ``find_break``).
+
+    Tail deletion leaves a shorter chain that verifies; ``audit.verify.verify`` catches it
+    against the signed checkpoints.
+
+    Args:
+        session: any session on the audit database.
+
+    Returns:
+        The sequence number of the first bad (or missing) event, or None.
+    """
+    found = find_break(session)
+    return None if found is None else found.seq

@@ -33,6 +33,7 @@ ALLOWED: dict[tuple[str, str], set[str]] = {
     ("GET", "/v1/appeals/{appeal_id}/image"): {"radiologist"},
     ("POST", "/v1/appeals/{appeal_id}/decision"): {"radiologist"},
     ("GET", "/v1/metrics/model"): {"auditor"},
+    ("GET", "/v1/audit"): {"auditor"},
     ("GET", "/v1/health"): {"admin", "auditor"},
     ("GET", "/metrics"): {"admin", "auditor"},
 }

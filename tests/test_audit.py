@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from audit.log import AuditEvent, EventCode, first_broken, record
+from tests.audit.helpers import drop_guards
 from tests.conftest import DATA, MakeKey, bearer, upload, wait_for
 from triage_api.db import transaction
 from triage_api.tables import Case
@@ -105,6 +106,7 @@ def test_editing_a_row_breaks_the_chain_at_that_row(client: TestClient, make_key
     trail = events(client)
     assert len(trail) >= 3
     target = trail[1].seq
+    drop_guards(client.app.state.runtime.engine)
     with transaction(client.app.state.runtime.factory) as session:
         session.get_one(AuditEvent, target).details = json.dumps({"edited": True})
     assert first_broken_in(client) == target

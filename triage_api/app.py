@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from audit.checkpoint import Checkpointer
 from audit.log import EventCode, record
 from models.bundle import load_bundle
 from triage_api import (
@@ -171,11 +172,22 @@ def create_app(settings: Settings) -> FastAPI:
             read_or_create_secret(settings.secret_dir / "pseudonym.key"),
             ClinicRateLimiter(settings.uploads_per_minute, settings.upload_burst),
         )
+        checkpointer = Checkpointer(
+            factory,
+            key_path=settings.audit_key_path,
+            every_events=settings.audit_checkpoint_events,
+            every_seconds=settings.audit_checkpoint_seconds,
+            reads=make_sessionmaker(read_engine),
+        )
+        _ = checkpointer.key  # an unusable key fails the start, not the first checkpoint
         stop = threading.Event()
         threads = [
             _periodic(
                 stop, settings.monitor_interval_seconds, "triage-monitor", lambda: _monitor(factory, settings)
-            )
+            ),
+            threading.Thread(
+                target=checkpointer.run, args=(stop,), name="triage-audit-checkpoint", daemon=True
+            ),
         ]
         if settings.run_worker:
             worker = Worker(

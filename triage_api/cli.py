@@ -12,7 +12,8 @@ from datetime import datetime
 from pathlib import Path
 
 from audit.log import EventCode, record
-from triage_api import auth
+from models import cli as models_cli
+from triage_api import audit_cli, auth
 from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
 from triage_api.errors import NotPermitted
 from triage_api.ingest import quiet_pydicom
@@ -165,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--since", type=datetime.fromisoformat, default=None, help="reads from (ISO time, with zone)"
     )
     export.set_defaults(func=_export_reads)
+
+    audit_cli.add_commands(commands)
+    models_cli.add_commands(commands)
     return parser
 
 

@@ -1,8 +1,7 @@
-"""Fixtures for the ML tests: the shipped samples, the default bundle, the shared corpus."""
+"""Fixtures for the ML tests: the shipped samples and the default bundle (no shared corpus needed)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,6 @@ from models.train import Sample, list_folder
 MODELS_DATA = Path(__file__).parent / "data"
 TESTS_DATA = Path(__file__).parents[1] / "data"
 DEFAULT_BUNDLE = Path(__file__).parents[2] / "models" / "bundles" / "cxr-pneumonia-lite0"
-SHARED_TRAIN = Path(__file__).resolve().parents[3] / "shared" / "data" / "cxr-pneumonia" / "train"
 LABELS = ("normal", "pneumonia")
 
 
@@ -39,13 +37,3 @@ def default_bundle() -> Bundle:
 def chest_dicom() -> Path:
     """A real CR chest PA (JPEG baseline, 1024 px), shipped in ``tests/data``."""
     return TESTS_DATA / "cr_chest_pa_jpeg_baseline_siim.dcm"
-
-
-@pytest.fixture(scope="session")
-def shared_train() -> Path:
-    """The full training corpus; skips visibly when ../shared is absent (fails in CI)."""
-    if not SHARED_TRAIN.is_dir():
-        if os.environ.get("TRIAGE_REQUIRE_SHARED") == "1":
-            pytest.fail(f"{SHARED_TRAIN} is required in CI but missing")
-        pytest.skip(f"needs the shared corpus at {SHARED_TRAIN}")
-    return SHARED_TRAIN

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from models.calibrate import (
     calibrated_scores,
-    fit_temperature,
+    fit_calibration,
+    fold_bias,
     nll,
     operating_points,
+    shift_logits,
     threshold_for_sensitivity,
 )
+from models.pretrained import pretrained_network
 
 
 def _overconfident(n: int = 2000, factor: float = 4.0) -> tuple[np.ndarray, np.ndarray]:
@@ -25,14 +29,35 @@ def _overconfident(n: int = 2000, factor: float = 4.0) -> tuple[np.ndarray, np.n
 
 def test_temperature_lowers_nll_and_recovers_the_scale() -> None:
     logits, labels = _overconfident()
-    temperature = fit_temperature(logits, labels)
-    assert nll(logits, labels, temperature) < nll(logits, labels) - 0.1
-    assert temperature == pytest.approx(4.0, rel=0.15)
+    calibration = fit_calibration(logits, labels, positive_index=1, fit_bias=False)
+    assert calibration.bias == 0.0
+    assert nll(logits, labels, calibration.temperature) < nll(logits, labels) - 0.1
+    assert calibration.temperature == pytest.approx(4.0, rel=0.15)
 
 
-def test_temperature_refuses_empty_input() -> None:
+def test_bias_undoes_a_prior_shift() -> None:
+    logits, labels = _overconfident()
+    shifted = shift_logits(logits, 1, -6.0)  # e.g. a class-balanced loss moving the prior
+    calibration = fit_calibration(shifted, labels, positive_index=1)
+    assert calibration.bias == pytest.approx(6.0, rel=0.15)
+    fixed = shift_logits(shifted, 1, calibration.bias)
+    plain = fit_calibration(shifted, labels, positive_index=1, fit_bias=False)
+    assert nll(fixed, labels, calibration.temperature) < nll(shifted, labels, plain.temperature) - 0.05
+
+
+def test_fold_bias_shifts_only_the_positive_logit() -> None:
+    network = pretrained_network("tf_efficientnet_lite0", num_classes=2).eval()
+    inputs = torch.zeros(1, 3, 32, 32)
+    with torch.no_grad():
+        before = network(inputs)
+        fold_bias(network, 1, 0.75)
+        after = network(inputs)
+    assert torch.allclose(after - before, torch.tensor([[0.0, 0.75]]), atol=1e-5)
+
+
+def test_calibration_refuses_empty_input() -> None:
     with pytest.raises(ValueError):
-        fit_temperature(np.zeros((0, 2)), np.zeros(0))
+        fit_calibration(np.zeros((0, 2)), np.zeros(0), positive_index=1)
 
 
 def test_calibrated_scores_match_softmax() -> None:
@@ -50,7 +75,7 @@ def test_threshold_is_the_highest_meeting_the_sensitivity() -> None:
 
 def test_operating_points_are_ordered_and_meet_their_targets() -> None:
     logits, labels = _overconfident()
-    scores = calibrated_scores(logits, fit_temperature(logits, labels), 1)
+    scores = calibrated_scores(logits, fit_calibration(logits, labels, 1).temperature, 1)
     points = operating_points(scores, labels)
     assert points.thresholds.elevated <= points.thresholds.critical
     assert points.critical_sensitivity >= 0.95

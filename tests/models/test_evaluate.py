@@ -77,7 +77,7 @@ def test_every_perturbation_keeps_a_grey_image() -> None:
     gray = np.random.default_rng(0).random((50, 40)).astype(np.float32)
     for name, perturb in PERTURBATIONS.items():
         out = perturb(gray, Preprocessing())
-        assert out.ndim == 2 and 0.0 <= out.min() and out.max() <= 1.0, name
+        assert out.ndim == 2 and out.min() >= 0.0 and out.max() <= 1.0, name
 
 
 def test_report_on_the_tiny_bundle(tiny_bundle: Path, samples: list[Sample], tmp_path: Path) -> None:

@@ -18,10 +18,12 @@ def test_heatmap_shape_and_range(tiny_bundle: Path, samples: list[Sample]) -> No
     pre = bundle.card.preprocessing
     heat = gradcam(bundle, to_input(load_gray(samples[0].path, pre), pre))
     assert heat.shape == (pre.input_size, pre.input_size)
-    assert heat.dtype == np.float32 and 0.0 <= heat.min() and heat.max() <= 1.0
+    assert heat.dtype == np.float32 and heat.min() >= 0.0 and heat.max() <= 1.0
 
 
-def test_heatmap_of_a_pneumonia_case_is_inside_the_image(default_bundle: Bundle, samples: list[Sample]) -> None:
+def test_heatmap_of_a_pneumonia_case_is_inside_the_image(
+    default_bundle: Bundle, samples: list[Sample]
+) -> None:
     pre = default_bundle.card.preprocessing
     pneumonia = next(s for s in samples if s.label == 1)
     heat = gradcam(default_bundle, to_input(load_gray(pneumonia.path, pre), pre))

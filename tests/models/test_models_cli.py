@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from models.bundle import ChecksumMismatch, verify_bundle
-from models.cli import add_commands, main
+from models.cli import PERTURBATION_NAMES, add_commands, main
+from models.evaluate import PERTURBATIONS
 
 
 def test_commands_are_registered() -> None:
@@ -22,8 +23,17 @@ def test_commands_are_registered() -> None:
     assert args.epochs == 5 and args.frozen_stages == 4 and args.split == (0.7, 0.15, 0.15)
 
 
-def test_list_and_show(tiny_bundle: Path, default_bundle_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["models", "list", "--dir", str(tiny_bundle.parent), "--dir", str(default_bundle_dir.parent)]) == 0
+def test_perturbation_choices_are_the_evaluators() -> None:
+    assert PERTURBATION_NAMES == tuple(PERTURBATIONS)
+
+
+def test_list_and_show(
+    tiny_bundle: Path, default_bundle_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        main(["models", "list", "--dir", str(tiny_bundle.parent), "--dir", str(default_bundle_dir.parent)])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "tiny-test@0.0.1" in out and "cxr-pneumonia-lite0@" in out
     assert main(["models", "show", str(tiny_bundle)]) == 0

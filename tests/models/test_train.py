@@ -89,9 +89,14 @@ def test_tiny_run_makes_a_verified_bundle_and_resumes(samples: list[Sample], tmp
     card = save_bundle(
         tmp_path / "bundle",
         {
-            "name": "tiny-trained", "version": "0.0.1", "architecture": config.architecture,
-            "labels": config.labels, "positive_label": "pneumonia", "preprocessing": config.preprocessing,
-            "thresholds": {"critical": 0.5, "elevated": 0.4}, "intended_use": {"summary": "test"},
+            "name": "tiny-trained",
+            "version": "0.0.1",
+            "architecture": config.architecture,
+            "labels": config.labels,
+            "positive_label": "pneumonia",
+            "preprocessing": config.preprocessing,
+            "thresholds": {"critical": 0.5, "elevated": 0.4},
+            "intended_use": {"summary": "test"},
         },
         result.network.state_dict(),
     )
@@ -101,4 +106,9 @@ def test_tiny_run_makes_a_verified_bundle_and_resumes(samples: list[Sample], tmp
 
     resumed = fit(config, samples, samples, run_dir, resume=True)
     assert resumed.history == result.history
-    assert all(torch.equal(a, b) for a, b in zip(resumed.network.state_dict().values(), result.network.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            resumed.network.state_dict().values(), result.network.state_dict().values(), strict=True
+        )
+    )

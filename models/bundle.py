@@ -223,7 +223,7 @@ def load_bundle(path: Path, device: str = "cpu", *, amp: bool | None = None, com
         raise BundleError(f"weights in {path} do not fit {card.architecture}: {exc}") from exc
     target = torch.device(device)
     use_amp = target.type == "cuda" if amp is None else amp
-    network.to(target, memory_format=torch.channels_last).eval()
+    network.to(target).to(memory_format=torch.channels_last).eval()
     if compile:
         network = torch.compile(network)  # type: ignore[assignment]
     return Bundle(card, network, target, amp=use_amp)

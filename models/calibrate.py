@@ -122,6 +122,23 @@ def fold_bias(network: torch.nn.Module, positive_index: int, bias: float) -> Non
         classifier.bias[positive_index] += bias
 
 
+RISK_BIN_EDGES = tuple(i / 10 for i in range(11))
+"""Ten equal risk bins; monitoring compares live score distributions over the same edges."""
+
+
+def risk_histogram(scores: np.ndarray) -> dict[str, list[float] | list[int]]:
+    """Counts of calibrated scores per risk bin, as stored in a card's validation metrics.
+
+    Args:
+        scores: positive-class probabilities in ``[0, 1]``.
+
+    Returns:
+        ``{"edges": [0.0, 0.1, ..., 1.0], "counts": [10 ints]}`` (the last bin includes 1.0).
+    """
+    counts = np.histogram(np.asarray(scores, dtype=np.float64), np.asarray(RISK_BIN_EDGES))[0]
+    return {"edges": list(RISK_BIN_EDGES), "counts": [int(c) for c in counts]}
+
+
 def calibrated_scores(logits: np.ndarray, temperature: float, positive_index: int) -> np.ndarray:
     """``softmax(logits / T)[:, positive_index]``, as :meth:`models.bundle.Bundle.predict` does."""
     scaled = torch.as_tensor(logits, dtype=torch.float64) / temperature

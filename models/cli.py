@@ -80,6 +80,7 @@ def run_train(args: argparse.Namespace) -> int:
         fold_bias,
         nll,
         operating_points,
+        risk_histogram,
         shift_logits,
     )
     from models.evaluate import (
@@ -168,6 +169,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     metrics: dict[str, Any] = {
         "validation": compact({"original": validation})["original"],
+        "risk_histogram": risk_histogram(valid_scores),
         "calibration": {
             "method": "temperature + positive-logit bias (folded into the classifier), "
             "minimising validation NLL",

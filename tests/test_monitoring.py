@@ -203,3 +203,45 @@ def test_export_reads_marks_ai_influence_and_holds_back_open_appeals(
     with factory() as session:
         event = session.execute(select(AuditEvent).where(AuditEvent.action == "reads.export")).scalar_one()
     assert event.event_code == "110106"
+
+
+def test_drift_against_the_cards_validation_scores(client: TestClient, scenario: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    import numpy as np
+
+    from models.bundle import save_bundle
+    from triage_api.auth import Principal, Role
+
+    # A card "m@1" whose validation risks sit where the scenario's do: {0.2, 0.3, 0.8, 0.9}.
+    counts = [0, 0, 5, 5, 0, 0, 0, 0, 5, 5]
+    card = json.loads((client.app.state.runtime.settings.model_path / "card.json").read_text())
+    card |= {
+        "name": "m",
+        "version": "1",
+        "validation_metrics": {"risk_histogram": {"edges": [i / 10 for i in range(11)], "counts": counts}},
+    }
+    card.pop("weights_sha256")
+    save_bundle(tmp_path / "m", card, {})
+    validation = monitoring.validation_histograms(tmp_path / "m")
+    assert list(validation) == ["m@1"] and validation["m@1"].tolist() == counts
+
+    with client.app.state.runtime.factory() as session:
+        clinic = session.execute(select(Clinic).where(Clinic.name == "north")).scalar_one()
+        auditor = Principal(user_id=1, role=Role.AUDITOR, clinic_ids=frozenset({clinic.id}))
+        window = monitoring.Window(NOW - timedelta(days=1), NOW + timedelta(minutes=1))
+        same = monitoring.model_metrics(session, principal=auditor, window=window, validation=validation)
+        shifted = {"m@1": np.asarray([20, 0, 0, 0, 0, 0, 0, 0, 0, 0], dtype=float)}
+        moved = monitoring.model_metrics(session, principal=auditor, window=window, validation=shifted)
+    drift = {m["model_ref"]: m["drift"]["validation"] for m in same}
+    assert drift["m@1"] == {"n": 20, "psi": pytest.approx(0.0)}
+    assert {m["model_ref"]: m["drift"]["validation"]["psi"] for m in moved}["m@1"] > 1.0
+    assert drift["none"] == {"n": 0, "psi": None}  # no card for unscored cases
+
+
+def test_the_default_card_carries_its_validation_scores() -> None:
+    from pathlib import Path
+
+    default = Path(__file__).parents[1] / "models" / "bundles" / "cxr-pneumonia-lite0"
+    validation = monitoring.validation_histograms(default)
+    assert validation["cxr-pneumonia-lite0@1.0.0"].sum() == 776  # the validation split's images

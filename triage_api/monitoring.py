@@ -12,6 +12,7 @@ import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,12 +21,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from audit.log import EventCode, Outcome, record
+from models.bundle import BundleError, read_card
+from models.calibrate import RISK_BIN_EDGES
 from triage_api.auth import Principal, Role
 from triage_api.errors import NotFound
 from triage_api.settings import Settings
 from triage_api.tables import Alert, Appeal, Case, Read
 
-RISK_BINS = np.arange(11) / 10  # exact decimal edges: 0.3 falls in [0.3, 0.4)
+RISK_BINS = np.asarray(RISK_BIN_EDGES)  # exact decimal edges: 0.3 falls in [0.3, 0.4)
 
 
 @dataclass(frozen=True)
@@ -82,12 +85,21 @@ def calibration(scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     return {"ece": ece if len(scores) else None, "bins": bins}
 
 
-def psi(current: np.ndarray, reference: np.ndarray) -> float | None:
-    """Population stability index between two risk samples over the 10 risk bins."""
-    if len(current) == 0 or len(reference) == 0:
+def psi(current: np.ndarray, reference: np.ndarray, *, reference_counts: bool = False) -> float | None:
+    """Population stability index between two risk samples over the 10 risk bins.
+
+    Args:
+        current: risks of this window.
+        reference: risks of the reference, or with ``reference_counts`` its 10 bin counts.
+        reference_counts: ``reference`` is already a histogram (a card's validation scores).
+    """
+    ref_hist = (
+        np.asarray(reference, dtype=float) if reference_counts else np.histogram(reference, RISK_BINS)[0]
+    )
+    if len(current) == 0 or ref_hist.sum() == 0:
         return None
     cur = np.histogram(current, RISK_BINS)[0] / len(current)
-    ref = np.histogram(reference, RISK_BINS)[0] / len(reference)
+    ref = ref_hist / ref_hist.sum()
     cur, ref = np.clip(cur, 1e-4, None), np.clip(ref, 1e-4, None)
     return float(np.sum((cur - ref) * np.log(cur / ref)))
 
@@ -130,8 +142,13 @@ def model_metrics(
     window: Window,
     model_ref: str | None = None,
     clinic_id: int | None = None,
+    validation: dict[str, np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
     """Per model version: AI vs final reads, overrides, appeals, time to read, gating, drift.
+
+    Args:
+        validation: per model ref, the risk histogram of its validation set (from
+            :func:`validation_histograms`); drift is also measured against it.
 
     Raises:
         NotFound: ``clinic_id`` is not one of the caller's clinics.
@@ -149,8 +166,32 @@ def model_metrics(
     for ref, cases in sorted(groups.items()):
         if model_ref is not None and ref != model_ref:
             continue
-        results.append(_metrics_for(session, ref, cases, previous.get(ref, np.array([]))))
+        metrics = _metrics_for(session, ref, cases, previous.get(ref, np.array([])))
+        reference = (validation or {}).get(ref)
+        risks = np.asarray([c.risk for c in cases if c.risk is not None], dtype=float)
+        metrics["drift"]["validation"] = {
+            "n": int(reference.sum()) if reference is not None else 0,
+            "psi": psi(risks, reference, reference_counts=True) if reference is not None else None,
+        }
+        results.append(metrics)
     return results
+
+
+def validation_histograms(model_path: Path) -> dict[str, np.ndarray]:
+    """``{model ref: validation risk bin counts}`` from the served bundle's card, if it has them.
+
+    The alert stays on week-over-week drift: a site's prevalence differs from the training
+    data's, so drift against validation is expected at any new site and is reported, not
+    alerted on.
+    """
+    try:
+        card = read_card(model_path)
+    except BundleError:
+        return {}
+    histogram = card.validation_metrics.get("risk_histogram")
+    if not isinstance(histogram, dict) or histogram.get("edges") != list(RISK_BIN_EDGES):
+        return {}
+    return {card.ref: np.asarray(histogram["counts"], dtype=float)}
 
 
 def _previous_window_risks(

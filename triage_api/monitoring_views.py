@@ -37,7 +37,12 @@ def model_metrics(
     window = monitoring.Window(since, until)
     with transaction(runtime.factory) as session:
         models = monitoring.model_metrics(
-            session, principal=principal, window=window, model_ref=model, clinic_id=clinic_id
+            session,
+            principal=principal,
+            window=window,
+            model_ref=model,
+            clinic_id=clinic_id,
+            validation=monitoring.validation_histograms(runtime.settings.model_path),
         )
         alerts = session.execute(
             select(Alert)

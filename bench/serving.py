@@ -1,19 +1,29 @@
 """Serving benchmarks on this machine's device: efficiency, batching gain, decode headroom.
 
     .venv/bin/python bench/serving.py [--studies 256] [--clients 8] [--batch 16] [--device cpu]
+                                      [--decode-workers N] [--skip-http]
 
 1. Serving efficiency = end-to-end studies/s (HTTP upload of 224x224 DICOMs by N clients
    -> prediction committed, `triage serve --workers 0` + one `triage worker`, SQLite)
    / raw batched forward images/s of the same model on the same device, same run.
 2. Batching gain = worker throughput with --batch B / with batch 1 on the same queued
    studies, with p50/p99 of the per-batch claim-to-commit latency.
-3. Decode headroom per transfer syntax = decode+preprocess images/s (one process)
-   / forward images/s, on the real chest DICOMs in ../shared/data/dicom when present.
+3. Decode headroom per transfer syntax = decode+preprocess images/s with a pool of
+   --decode-workers processes (default: one per core) / forward images/s. The syntaxes
+   are one real chest radiograph (../shared/data/dicom/chest when present, else
+   tests/data) re-encoded with pydicom's encoders: uncompressed, RLE, JPEG 2000 lossless;
+   JPEG baseline is encoded with Pillow (8-bit, as the syntax requires) and JPEG-LS is the
+   shared corpus's near-lossless file of the same image (pydicom has no JPEG-LS encoder
+   without pyjpegls). Also printed: the pool's gain over decoding in one thread.
+4. Decode pipeline = worker studies/s on a queue of those real radiographs (mixed
+   syntaxes) with --decode-workers processes decoding one batch ahead of the forward pass
+   / the same worker decoding in its own thread (``TRIAGE_DECODE_WORKERS=0``).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import signal
@@ -21,13 +31,19 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import numpy as np
+import pydicom
 import torch
+from PIL import Image
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, RLELossless, generate_uid
 from sqlalchemy import func, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,13 +52,17 @@ from bench.ingest import dicom_224, free_port, wait_ready  # noqa: E402
 from models.bundle import load_bundle  # noqa: E402
 from triage_api import auth  # noqa: E402
 from triage_api.db import make_engine, make_sessionmaker, migrate, transaction  # noqa: E402
+from triage_api.decoding import DecodePool, DecodeTask, Gate, decode_study  # noqa: E402
 from triage_api.ingest import accept_study, quiet_pydicom  # noqa: E402
 from triage_api.settings import Settings  # noqa: E402
-from triage_api.tables import Prediction  # noqa: E402
-from triage_api.worker import Worker, model_input  # noqa: E402
+from triage_api.tables import Job, Prediction  # noqa: E402
+from triage_api.worker import Worker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CHEST = ROOT.parent / "shared" / "data" / "dicom" / "chest"
+SOURCE = "cr_chest_pa_j2k_lossy_RG1_J2KI.dcm"  # RG1: 1955x1841, 15 bits stored
+SOURCE_JPEG_LS = "cr_chest_pa_jpegls_nearlossless_RG1_JLSN.dcm"  # the same image, JPEG-LS
+FALLBACK = ROOT / "tests" / "data" / "cr_chest_pa_jpeg_baseline_siim.dcm"  # 1024x1024, 8 bits
 
 
 def forward_rate(bundle, batch: int, seconds: float = 5.0) -> float:  # type: ignore[no-untyped-def]
@@ -187,20 +207,153 @@ def batching(args: argparse.Namespace, files: list[bytes]) -> dict[str, dict[str
     return results
 
 
-def decode_headroom(card, forward: float) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    import pydicom
+def syntax_corpus(out: Path) -> dict[str, Path]:
+    """One real chest radiograph written in each transfer syntax we can make here."""
+    source = SHARED_CHEST / SOURCE if (SHARED_CHEST / SOURCE).exists() else FALLBACK
+    files: dict[str, Path] = {}
 
-    out: dict[str, float] = {}
-    for path in sorted(SHARED_CHEST.glob("*.dcm")) if SHARED_CHEST.exists() else []:
-        data = path.read_bytes()
-        syntax = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID.name
-        start, n = time.perf_counter(), 0
-        while time.perf_counter() - start < 3.0:
-            model_input(data, "application/dicom", card)
-            n += 1
-        rate = n / (time.perf_counter() - start)
-        out[f"{path.name} ({syntax})"] = rate / forward
+    def save(name: str, ds: pydicom.Dataset) -> None:
+        files[name] = out / f"{name.replace(' ', '_')}.dcm"
+        ds.save_as(files[name], enforce_file_format=True)
+
+    plain = pydicom.dcmread(source)
+    plain.decompress()
+    save("uncompressed", plain)
+    for name, uid in (("RLE lossless", RLELossless), ("JPEG 2000 lossless", JPEG2000Lossless)):
+        ds = pydicom.dcmread(files["uncompressed"])
+        ds.compress(uid)
+        save(name, ds)
+    if source.name == SOURCE:
+        save("JPEG 2000 lossy", pydicom.dcmread(source))
+    if (SHARED_CHEST / SOURCE_JPEG_LS).exists() and source.name == SOURCE:
+        save("JPEG-LS near-lossless", pydicom.dcmread(SHARED_CHEST / SOURCE_JPEG_LS))
+    # JPEG baseline holds 8 bits: window the same pixels to 8 bits, encode with Pillow.
+    ds = pydicom.dcmread(files["uncompressed"])
+    pixels = ds.pixel_array.astype(np.float64)
+    eight = np.round(255 * (pixels - pixels.min()) / max(1.0, float(np.ptp(pixels)))).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(eight, mode="L").save(buffer, format="JPEG", quality=90)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    for keyword in ("WindowCenter", "WindowWidth", "RescaleSlope", "RescaleIntercept"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    save("JPEG baseline", ds)
+    return files
+
+
+def interleaved(runs: dict[str, Callable[[], int]], seconds: float, rounds: int = 3) -> dict[str, float]:
+    """Images/s of each run (a callable returning how many images it did), measured in
+    alternating slices so that a change in the shared machine's load hits them alike."""
+    done = dict.fromkeys(runs, 0)
+    spent = dict.fromkeys(runs, 0.0)
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            while time.perf_counter() - start < seconds / rounds:
+                done[name] += run()
+            spent[name] += time.perf_counter() - start
+    return {name: done[name] / spent[name] for name in runs}
+
+
+def decode_headroom(
+    gate: Gate, corpus: dict[str, Path], forward: float, workers: int, seconds: float = 6.0
+) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    with DecodePool(workers, timeout=600) as pool:
+        for name, path in corpus.items():
+            task = DecodeTask(str(path), True, gate)
+            checked = decode_study(task)
+            if checked.status != "ok":
+                raise RuntimeError(f"{name}: {checked.status} ({checked.reason})")
+            pool.map([task] * workers)  # warm: every process has started and imported its decoder
+            rates = interleaved(
+                {
+                    "one_thread": lambda: len([decode_study(task)]),  # noqa: B023
+                    "pool": lambda: len(pool.map([task] * 2 * workers)),  # noqa: B023
+                },
+                seconds,
+            )
+            out[name] = {
+                "size_bytes": path.stat().st_size,
+                "one_thread_images_per_s": rates["one_thread"],
+                "pool_images_per_s": rates["pool"],
+                "pool_gain": rates["pool"] / rates["one_thread"],
+                "headroom": rates["pool"] / forward,
+            }
     return out
+
+
+def unique_copies(corpus: dict[str, Path], count: int) -> list[bytes]:
+    """``count`` distinct studies (new UIDs) cycling through the corpus's syntaxes."""
+    names = sorted(corpus)
+    copies = []
+    for n in range(count):
+        ds = pydicom.dcmread(corpus[names[n % len(names)]])
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        copies.append(buffer.getvalue())
+    return copies
+
+
+def pipeline(args: argparse.Namespace, files: list[bytes], workers: int) -> float:
+    """Studies/s of one worker scoring ``files``, decoding in ``workers`` processes (0: in its thread)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(
+            data_dir=Path(tmp),
+            device=args.device,
+            batch_size=args.batch,
+            poll_seconds=0.01,
+            upload_burst=10 * len(files),
+            **({"model_path": args.model} if args.model else {}),
+        )
+        engine = make_engine(settings.sqlalchemy_url)
+        migrate(engine)
+        factory = make_sessionmaker(engine)
+        reads = make_sessionmaker(make_engine(settings.sqlalchemy_url, read_only=True))
+        with transaction(factory) as session:
+            _, key = auth.add_user(session, name="b", role=auth.Role.UPLOADER, clinics=["b"])
+            principal = auth.authenticate(session, key)
+        for data in files:
+            accept_study(
+                factory,
+                reads=reads,
+                principal=principal,
+                data=data,
+                settings=settings,
+                pseudonym_key=b"k" * 32,
+            )
+        worker = Worker(
+            factory, settings, load_bundle(settings.model_path, settings.device, compile=args.compile)
+        )
+        pool = DecodePool(workers, timeout=600) if workers else None
+        if pool is not None:
+            worker.pool = pool  # started before the clock: a pool is made once per worker process
+            pool.map([DecodeTask(str(FALLBACK), True, worker.gate)] * workers)
+        stop = threading.Event()
+        thread = threading.Thread(target=worker.run, args=(stop,))
+        start = time.perf_counter()
+        thread.start()
+        try:
+            while True:
+                with reads() as session:
+                    done = session.execute(
+                        select(func.count()).select_from(Job).where(Job.status == "done")
+                    ).scalar_one()
+                if done >= len(files):
+                    break
+                time.sleep(0.02)
+            elapsed = time.perf_counter() - start
+        finally:
+            stop.set()
+            thread.join(timeout=120)
+            if pool is not None:
+                pool.close()
+            engine.dispose()
+    return len(files) / elapsed
 
 
 def main() -> None:
@@ -214,30 +367,53 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="bundle folder (default: the bundled model)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network (GPU)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument(
+        "--decode-workers", type=int, default=os.cpu_count() or 1, help="decode processes (default: cores)"
+    )
+    parser.add_argument("--pipeline-studies", type=int, default=32, help="real radiographs for 4.")
+    parser.add_argument("--skip-http", action="store_true", help="only 3. and 4. (decode)")
     args = parser.parse_args()
     quiet_pydicom()
     bundle = load_bundle(
         Path(args.model) if args.model else Settings().model_path, args.device, compile=args.compile
     )
-    files = [dicom_224(seed) for seed in range(args.studies)]
-    forward = forward_rate(bundle, args.batch)
-    e2e = end_to_end(args, files)
-    forward_after = forward_rate(bundle, args.batch)
-    raw = (forward + forward_after) / 2
-    gains = batching(args, files)
-    headroom = decode_headroom(bundle.card, raw)
-    results = {
+    results: dict[str, object] = {
         "device": args.device,
         "model": bundle.card.ref,
-        "studies": args.studies,
-        "clients": args.clients,
         "batch": args.batch,
-        "forward_images_per_s": raw,
-        "end_to_end_studies_per_s": e2e,
-        "serving_efficiency": e2e / raw,
-        "batching": gains,
-        "batching_gain": gains[f"batch_{args.batch}"]["studies_per_s"] / gains["batch_1"]["studies_per_s"],
-        "decode_headroom": headroom,
+        "decode_workers": args.decode_workers,
+        "cpu_count": os.cpu_count(),
+    }
+    forward = forward_rate(bundle, args.batch)
+    if not args.skip_http:
+        files = [dicom_224(seed) for seed in range(args.studies)]
+        e2e = end_to_end(args, files)
+        forward = (forward + forward_rate(bundle, args.batch)) / 2
+        gains = batching(args, files)
+        results.update(
+            studies=args.studies,
+            clients=args.clients,
+            end_to_end_studies_per_s=e2e,
+            serving_efficiency=e2e / forward,
+            batching=gains,
+            batching_gain=gains[f"batch_{args.batch}"]["studies_per_s"] / gains["batch_1"]["studies_per_s"],
+        )
+    results["forward_images_per_s"] = forward
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = syntax_corpus(Path(tmp))
+        results["decode_headroom"] = decode_headroom(
+            Gate.of(bundle.card), corpus, forward, args.decode_workers
+        )
+        copies = unique_copies(corpus, args.pipeline_studies)
+    # A B B A: a linear drift in the shared machine's load hits both arms alike.
+    w = args.decode_workers
+    first, pooled_a, pooled_b, last = (pipeline(args, copies, n) for n in (0, w, w, 0))
+    in_thread, pooled = (first + last) / 2, (pooled_a + pooled_b) / 2
+    results["decode_pipeline"] = {
+        "studies": len(copies),
+        "in_thread_studies_per_s": in_thread,
+        "pool_studies_per_s": pooled,
+        "pool_gain": pooled / in_thread,
     }
     print(json.dumps(results, indent=2))
     if args.json:

@@ -9,6 +9,15 @@ python3.11 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
 .venv/bin/pip install --quiet -e '.[test]'
 
+# The browser tests drive Debian's Chromium (never `playwright install`, which downloads).
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get install -y chromium || { apt-get update && apt-get install -y chromium; }
+  else
+    sudo apt-get install -y chromium
+  fi
+fi
+
 echo "== tests on SQLite"
 .venv/bin/python -m pytest "$@"
 

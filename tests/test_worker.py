@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -9,19 +10,25 @@ import sys
 import textwrap
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
+import pydicom
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from models.bundle import load_bundle
-from tests.conftest import DATA, MakeKey, bearer, upload, wait_for
+from models.preprocess import Preprocessing
+from tests.conftest import DATA, MakeKey, bearer, shared_data, upload, wait_for
+from tests.misbehaving_decoder import CRASH, HANG, decode_or_misbehave
 from triage_api.app import create_app
+from triage_api.decoding import DecodePool, DecodeTask, Gate, decode_study
 from triage_api.settings import Settings
 from triage_api.tables import Case, Job, Prediction
-from triage_api.worker import Result, Worker
+from triage_api.worker import Claim, Result, Worker
 
 
 @pytest.fixture
@@ -275,3 +282,184 @@ def test_notify_wakes_an_idle_worker_long_before_its_poll(manual: Settings, make
         finally:
             stop.set()
             thread.join(timeout=20)
+
+
+# --- decoding in a pool of processes -------------------------------------------------
+
+
+def marked(marker: bytes) -> bytes:
+    """A real chest DICOM carrying ``marker`` in its header (distinct bytes, so a new case)."""
+    ds = pydicom.dcmread(DATA / "cr_chest_pa_jpeg_baseline_siim.dcm")
+    ds.SeriesDescription = marker.decode()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def pool_scores_equal_in_thread_scores(worker: Worker, claims: list[Claim]) -> None:
+    """Batched with the pool vs one at a time in this thread; then the claiming worker finishes."""
+    with DecodePool(2, timeout=120) as pool:
+        worker.pool = pool
+        batched = worker.score(claims)
+    worker.pool = None
+    single = [worker.score([claim])[0] for claim in claims]
+    assert [r.status for r in batched] == [r.status for r in single]
+    for b, s in zip(batched, single, strict=True):
+        assert b.reason == s.reason
+        if b.status == "scored":
+            assert b.risk == pytest.approx(s.risk, abs=1e-5)
+    assert worker.finish(claims, batched) == len(claims)
+
+
+def test_pool_scores_equal_in_thread_scores(
+    quiet_client: TestClient, manual: Settings, make_key: MakeKey
+) -> None:
+    client = quiet_client
+    key = make_key("uploader", "north")
+    names = [
+        "cr_chest_pa_jpeg_baseline_siim.dcm",
+        "cr_chest_pa_monochrome1_siim.dcm",
+        "cxr_normal.jpeg",
+        "dx_thorax_dog_monochrome1.dcm",
+    ]
+    for name in names:
+        queue_study(client, key, name)
+    worker = new_worker(client, manual)
+    claims = worker.claim(limit=10)
+    assert len(claims) == 4
+    pool_scores_equal_in_thread_scores(worker, claims)
+    statuses = {c.id: c.status for c in rows(client, Case)}
+    assert sorted(statuses.values()) == ["not_analyzed", "scored", "scored", "scored"]
+
+
+def test_pool_scores_equal_in_thread_scores_on_every_transfer_syntax(
+    quiet_client: TestClient, manual: Settings, make_key: MakeKey
+) -> None:
+    """JPEG baseline, JPEG-LS near-lossless, JPEG 2000 lossy and lossless chest radiographs."""
+    client = quiet_client
+    key = make_key("uploader", "north")
+    files = sorted(shared_data("dicom", "chest").glob("*.dcm"))
+    assert len(files) >= 4
+    for path in files:
+        assert upload(client, key, path.read_bytes()).status_code == 201
+    worker = new_worker(client, manual)
+    claims = worker.claim(limit=len(files))
+    assert len(claims) == len(files)
+    pool_scores_equal_in_thread_scores(worker, claims)
+    assert {c.status for c in rows(client, Case)} == {"scored"}
+
+
+def test_a_hanging_or_crashing_decode_fails_that_case_only(
+    quiet_client: TestClient, manual: Settings, make_key: MakeKey
+) -> None:
+    client = quiet_client
+    key = make_key("uploader", "north")
+    good = queue_study(client, key)
+    hangs = upload(client, key, marked(HANG)).json()["id"]
+    crashes = upload(client, key, marked(CRASH)).json()["id"]
+    also_good = queue_study(client, key, "cr_chest_pa_monochrome1_siim.dcm")
+    worker = new_worker(client, manual)
+    claims = worker.claim(limit=10)
+    with DecodePool(2, timeout=2.0, decode=decode_or_misbehave) as pool:
+        worker.pool = pool
+        before = set(pool.pids)
+        started = time.monotonic()
+        results = dict(zip([c.case_id for c in claims], worker.score(claims), strict=True))
+        assert time.monotonic() - started < 30  # bounded: not the hour the hanging decode asks for
+        # Both misbehaving processes were killed and replaced, and the pool still works.
+        assert len(pool.pids) == 2 and not set(pool.pids) & before
+        assert not any(alive(pid) for pid in before)
+        assert [r.status for r in worker.score(claims[:1])] == ["scored"]
+        assert worker.finish(claims, [results[c.case_id] for c in claims]) == 4
+    assert results[good].status == results[also_good].status == "scored"
+    assert results[hangs].status == "failed"
+    assert results[hangs].reason == "decoding took longer than 2 s"
+    assert results[crashes].status == "failed"
+    assert results[crashes].reason == "the decoder process died on this study"
+    listed = client.get("/v1/worklist", headers=bearer(make_key("radiologist", "north"))).json()
+    failed = {item["id"]: item for item in listed if item["status"] == "failed"}
+    assert set(failed) == {hangs, crashes}
+
+
+def test_worker_decodes_ahead_in_its_pool_and_shuts_it_down_on_stop(
+    quiet_client: TestClient, manual: Settings, make_key: MakeKey
+) -> None:
+    client = quiet_client
+    key = make_key("uploader", "north")
+    ids = [
+        queue_study(client, key, name) for name in ("cr_chest_pa_jpeg_baseline_siim.dcm", "cxr_normal.jpeg")
+    ]
+    ids += [upload(client, key, marked(f"STUDY-{n}".encode())).json()["id"] for n in range(5)]
+    settings = manual.model_copy(
+        update={"decode_workers": 2, "batch_size": 2, "lease_seconds": 60, "poll_seconds": 0.05}
+    )
+    worker = new_worker(client, settings)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while worker.pool is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert worker.pool is not None
+        pids = worker.pool.pids
+        assert len(pids) == 2 and all(alive(pid) for pid in pids)
+        while time.monotonic() < deadline:
+            if {c.status for c in rows(client, Case)} == {"scored"}:
+                break
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert worker.pool is None and not any(alive(pid) for pid in pids)
+    cases = rows(client, Case)
+    assert {c.id for c in cases} == set(ids) and {c.status for c in cases} == {"scored"}
+    predictions = rows(client, Prediction)
+    assert sorted((p.case_id, p.attempt) for p in predictions) == sorted((i, 1) for i in ids)
+    assert worker.batches == 4 and worker.studies == 7
+
+
+def test_a_batch_decoded_ahead_is_still_fenced_by_its_attempt(
+    quiet_client: TestClient, manual: Settings, make_key: MakeKey
+) -> None:
+    """The pipelined worker's lease on the batch it decoded ahead expires; its late write is discarded."""
+    client = quiet_client
+    case_id = queue_study(client, make_key("uploader", "north"))
+    slow, rescuer = new_worker(client, manual), new_worker(client, manual)
+    with DecodePool(1, timeout=60) as pool, ThreadPoolExecutor(1) as feeder:
+        slow.pool = pool
+        assert slow.run_ahead(feeder) is True  # claimed (attempt 1) and decoding ahead
+        time.sleep(manual.lease_seconds + 0.2)
+        (second,) = rescuer.claim()
+        assert second.attempt == 2
+        assert rescuer.finish([second], rescuer.score([second])) == 1
+        assert slow.run_ahead(feeder) is True  # scores its stale batch: the write is fenced out
+        assert slow.run_ahead(feeder) is False
+    assert [(p.case_id, p.attempt) for p in rows(client, Prediction)] == [(case_id, 2)]
+    (job,) = rows(client, Job)
+    assert job.status == "done" and job.attempts == 2 and job.worker == rescuer.name
+
+
+def test_a_pool_process_killed_while_idle_is_replaced() -> None:
+    gate = Gate(Preprocessing(input_size=64), modalities=("CR", "DX"), body_parts=("CHEST",))
+    task = DecodeTask(str(DATA / "cr_chest_pa_jpeg_baseline_siim.dcm"), True, gate)
+    expected = decode_study(task)
+    assert expected.status == "ok" and expected.pixels is not None
+    with DecodePool(1, timeout=60) as pool:
+        assert pool.map([task])[0].status == "ok"
+        (victim,) = pool.pids
+        os.kill(victim, signal.SIGKILL)
+        time.sleep(0.2)
+        (result,) = pool.map([task])
+        assert pool.pids != [victim]
+    assert result.status == "ok" and result.pixels is not None
+    assert np.array_equal(result.pixels, expected.pixels)

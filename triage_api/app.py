@@ -28,9 +28,11 @@ from triage_api import (
     auth,
     cases,
     health_views,
+    imaging_views,
     ingest,
     monitoring,
     monitoring_views,
+    passwords,
     reading,
     reading_views,
 )
@@ -51,6 +53,7 @@ from triage_api.schemas import (
 )
 from triage_api.settings import Settings
 from triage_api.tables import User
+from triage_api.web import views as web_views
 from triage_api.worker import Worker
 
 log = logging.getLogger("triage")
@@ -224,6 +227,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(monitoring_views.router)
     app.include_router(health_views.router)
     app.include_router(audit_views.router)
+    app.include_router(imaging_views.router)
+    web_views.install(app)
     return app
 
 
@@ -299,6 +304,8 @@ def _routes(app: FastAPI) -> None:
         try:
             with transaction(runtime.factory) as session:
                 user, key = auth.add_user(session, name=body.name, role=body.role, clinics=body.clinics)
+                if body.password is not None:
+                    passwords.set_password(session, user, body.password)
                 record(
                     session,
                     actor=principal.actor,
@@ -306,7 +313,11 @@ def _routes(app: FastAPI) -> None:
                     code=EventCode.SECURITY_ALERT,
                     object_type="user",
                     object_id=str(user.id),
-                    details={"role": body.role.value, "clinics": body.clinics},
+                    details={
+                        "role": body.role.value,
+                        "clinics": body.clinics,
+                        "password": body.password is not None,
+                    },
                 )
                 return UserCreated(
                     id=user.id, name=user.name, role=body.role, clinics=body.clinics, api_key=key

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
+import os
 import signal
 import sys
 import threading
@@ -37,7 +39,7 @@ def _worker(args: argparse.Namespace) -> int:
     from triage_api.worker import Worker
 
     quiet_pydicom()
-    overrides = {"device": args.device, "batch_size": args.batch}
+    overrides = {"device": args.device, "batch_size": args.batch, "decode_workers": args.decode_workers}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     engine = make_engine(settings.sqlalchemy_url)
     migrate(engine)
@@ -61,13 +63,32 @@ def _migrate(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _new_password() -> str:
+    """From ``TRIAGE_NEW_PASSWORD`` (scripts), else asked twice without echo."""
+    from_env = os.environ.get("TRIAGE_NEW_PASSWORD")
+    if from_env:
+        return from_env
+    first = getpass.getpass("Password for the web login: ")
+    if getpass.getpass("Repeat it: ") != first:
+        raise NotPermitted("the passwords differ")
+    return first
+
+
 def _users_add(args: argparse.Namespace) -> int:
+    from triage_api.errors import InvalidRequest
+    from triage_api.passwords import hash_password
+
     settings = Settings()
+    try:
+        password_hash = hash_password(_new_password()) if args.password else None
+    except InvalidRequest as exc:
+        raise NotPermitted(exc.message) from None
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.sqlalchemy_url)
     migrate(engine)
     with transaction(make_sessionmaker(engine)) as session:
         user, key = auth.add_user(session, name=args.name, role=auth.Role(args.role), clinics=args.clinic)
+        user.password_hash = password_hash
         record(
             session,
             actor="cli",
@@ -75,7 +96,7 @@ def _users_add(args: argparse.Namespace) -> int:
             code=EventCode.SECURITY_ALERT,
             object_type="user",
             object_id=str(user.id),
-            details={"role": args.role, "clinics": args.clinic},
+            details={"role": args.role, "clinics": args.clinic, "password": password_hash is not None},
         )
     print(key)
     return 0
@@ -141,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run a scoring worker against the shared database")
     worker.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0")
     worker.add_argument("--batch", type=int, default=None, help="jobs per forward pass (default 16)")
+    worker.add_argument(
+        "--decode-workers", type=int, default=None, help="decode processes (default 0: in-thread)"
+    )
     worker.set_defaults(func=_worker)
 
     commands.add_parser("migrate", help="bring the database schema up to date").set_defaults(func=_migrate)
@@ -152,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--name", required=True)
     add.add_argument("--role", required=True, choices=[r.value for r in auth.Role])
     add.add_argument("--clinic", action="append", default=[], help="clinic name; repeat for several")
+    add.add_argument(
+        "--password",
+        action="store_true",
+        help="also set a web-login password: read from TRIAGE_NEW_PASSWORD, else prompted (no echo)",
+    )
     add.set_defaults(func=_users_add)
     revoke = users.add_parser("revoke", help="revoke an API key by its prefix")
     revoke.add_argument("prefix")

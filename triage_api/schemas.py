@@ -57,6 +57,9 @@ class UserCreate(BaseModel):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._@-]+$")
     role: Role
     clinics: list[str] = Field(default_factory=list, max_length=100)
+    password: str | None = Field(
+        None, min_length=12, max_length=200, description="Optional web-login password (stored as Argon2id)."
+    )
 
 
 class UserCreated(BaseModel):

@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1)
     batch_size: int = Field(16, ge=1, le=1024)
     """Jobs a worker claims and scores in one forward pass."""
+    decode_workers: int = Field(0, ge=0, le=256)
+    """Processes that decode studies, one batch ahead of the forward pass; 0 decodes in
+    the worker's thread (no time bound then). See the README's "Workers"."""
+    decode_timeout_seconds: float = Field(60.0, gt=0)
+    """Per study, in a decode process: beyond it the study fails and the process is replaced."""
 
     sla_critical_minutes: float = Field(30, gt=0)
     sla_elevated_minutes: float = Field(240, gt=0)
@@ -61,6 +66,17 @@ class Settings(BaseSettings):
     Keep it outside the database (and its backups)."""
     audit_checkpoint_events: int = Field(1000, ge=1)
     audit_checkpoint_seconds: float = Field(300, gt=0)
+
+    web_idle_minutes: float = Field(30, gt=0)
+    """A browser session ends after this long without a request."""
+    web_session_hours: float = Field(12, gt=0)
+    """A browser session ends this long after login, however active."""
+    web_secure_cookie: bool = False
+    """Mark the session cookie Secure even when the app sees plain http (TLS ends at a proxy);
+    it is always Secure when the request itself is https."""
+    web_login_failures: int = Field(5, ge=1)
+    """Failed logins per username within ``web_login_window_minutes`` before it is throttled."""
+    web_login_window_minutes: float = Field(15, gt=0)
 
     @model_validator(mode="after")
     def _slas_ordered(self) -> Settings:

@@ -14,6 +14,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -56,6 +57,8 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(20))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    password_hash: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    """Argon2id hash for the web login; None means the user signs in with API keys only."""
     clinics: Mapped[list[Clinic]] = relationship(secondary="user_clinics", lazy="selectin")
 
 
@@ -82,6 +85,19 @@ class ApiKey(Base):
     user: Mapped[User] = relationship(lazy="joined")
 
 
+class WebSession(Base):
+    """A browser session: only the sha256 of its 256-bit token is stored, never the token."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 class Case(Base):
     """One uploaded study and where it stands. Never deleted: triage reorders, it never removes."""
 
@@ -89,6 +105,16 @@ class Case(Base):
     __table_args__ = (
         UniqueConstraint("clinic_id", "sha256", name="uq_cases_clinic_content"),
         Index("ix_cases_clinic_deadline", "clinic_id", "deadline"),
+        # The worklist's order, and its "unread" subset (migration 0007).
+        Index("ix_cases_worklist_order", "deadline", "received_at", "id"),
+        Index(
+            "ix_cases_unread_deadline",
+            "deadline",
+            "received_at",
+            "id",
+            postgresql_where=text("read_at IS NULL"),
+            sqlite_where=text("read_at IS NULL"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)

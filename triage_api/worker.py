@@ -3,7 +3,9 @@
 The same code runs in the API process (the embedded default) and as separate
 ``triage worker`` processes. A worker that dies mid-job loses nothing: its lease expires
 and another worker claims the job again; a late write from the dead attempt is discarded
-because the result is fenced by the attempt number.
+because the result is fenced by the attempt number. With ``decode_workers`` set, studies
+are decoded in a pool of processes (:mod:`triage_api.decoding`) one batch ahead of the
+forward pass.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -23,16 +26,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from audit.log import EventCode, Outcome, record
 from models.bundle import Bundle, ModelCard
-from models.preprocess import (
-    DecodeError,
-    decode_dicom,
-    gray_from_dicom,
-    gray_from_image,
-    is_grey,
-    open_picture,
-    to_input,
-)
 from triage_api.db import transaction
+from triage_api.decoding import Decoded, DecodePool, DecodeTask, Gate, decode_study
 from triage_api.ingest import DICOM, JOBS_CHANNEL, blob_path
 from triage_api.settings import Settings
 from triage_api.tables import Case, Job, Prediction, WorkerBeat
@@ -57,6 +52,14 @@ class Result:
     inference_ms: float | None = None
 
 
+@dataclass(frozen=True)
+class _Ahead:
+    """A batch claimed and being decoded while the batch before it is scored."""
+
+    claims: list[Claim]
+    decoded: Future[list[Decoded]]
+
+
 class _Listener:
     """A dedicated PostgreSQL connection that LISTENs for new jobs."""
 
@@ -79,10 +82,6 @@ class _Listener:
         self.connection.close()
 
 
-class NotForModel(Exception):
-    """The study is outside the model's intended use; the message says why."""
-
-
 def tier_of(risk: float, card: ModelCard) -> str:
     if risk >= card.thresholds.critical:
         return "critical"
@@ -99,39 +98,6 @@ def sla(tier: str, settings: Settings) -> timedelta:
     return timedelta(minutes=minutes)
 
 
-def model_input(data: bytes, media_type: str, card: ModelCard) -> np.ndarray:
-    """Decode and gate a stored study, and return the ``(3, S, S)`` model input.
-
-    Raises:
-        NotForModel: the header (or picture) says the model is not for this study.
-        DecodeError: the pixels cannot be decoded.
-    """
-    pre = card.preprocessing
-    use = card.intended_use
-    if media_type != DICOM:
-        image = open_picture(data)
-        if not is_grey(image):
-            raise NotForModel("colour picture; the model reads greyscale radiographs")
-        return to_input(gray_from_image(image, pre), pre)
-
-    ds, pixels = decode_dicom(data)
-    modality = str(ds.get("Modality", "")).strip().upper()
-    if modality not in use.modalities:
-        raise NotForModel(f"modality {modality or 'missing'} is outside the model's intended use")
-    body_part = str(ds.get("BodyPartExamined", "")).strip().upper()
-    if body_part not in use.body_parts:
-        raise NotForModel(f"body part {body_part or 'missing'} is outside the model's intended use")
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise NotForModel("multi-frame image; the model reads single radiographs")
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise NotForModel("colour image; the model reads greyscale radiographs")
-    try:
-        gray = gray_from_dicom(ds, pixels, pre)
-    except (ValueError, TypeError) as exc:
-        raise DecodeError(f"cannot window DICOM pixels ({type(exc).__name__})") from None
-    return to_input(gray, pre)
-
-
 class Worker:
     """Claims and scores batches of jobs against the shared database and blob store."""
 
@@ -143,6 +109,11 @@ class Worker:
         self.started_at = datetime.now(UTC)
         self.batches = self.studies = 0
         self._last_beat = 0.0
+        self.gate = Gate.of(bundle.card)
+        self.pool: DecodePool | None = None
+        """Decode processes; None decodes in this thread. :meth:`run` opens one when
+        ``settings.decode_workers`` > 0 and closes it when it stops."""
+        self._ahead: _Ahead | None = None
 
     def claim(self, limit: int = 1) -> list[Claim]:
         """Take up to ``limit`` of the oldest queued jobs, or jobs whose lease expired.
@@ -178,30 +149,39 @@ class Worker:
                 claims.append(Claim(job.id, case.id, job.attempts, case.sha256, case.media_type))
         return claims
 
-    def score(self, claims: list[Claim]) -> list[Result]:
-        """Decode, gate and score claimed studies with one forward pass. Never raises for bad pixels.
+    def decode(self, claims: list[Claim]) -> list[Decoded]:
+        """Decode and gate claimed studies: in :attr:`pool` if there is one, else in this thread."""
+        tasks = [
+            DecodeTask(
+                str(blob_path(self.settings.blob_dir, claim.sha256)), claim.media_type == DICOM, self.gate
+            )
+            for claim in claims
+        ]
+        if self.pool is not None:
+            return self.pool.map(tasks)
+        return [decode_study(task) for task in tasks]
+
+    def forward(self, decoded: list[Decoded]) -> list[Result]:
+        """Score the decoded studies with one forward pass; the others keep their reason.
 
         ``inference_ms`` is the batch's forward time divided by the studies in it.
         """
-        results: dict[int, Result] = {}
-        inputs: list[np.ndarray] = []
-        scored: list[int] = []
-        for index, claim in enumerate(claims):
-            data = blob_path(self.settings.blob_dir, claim.sha256).read_bytes()
-            try:
-                inputs.append(model_input(data, claim.media_type, self.bundle.card))
-                scored.append(index)
-            except NotForModel as exc:
-                results[index] = Result("not_analyzed", reason=str(exc))
-            except DecodeError as exc:
-                results[index] = Result("failed", reason=str(exc))
-        if inputs:
+        results = [
+            Result("not_analyzed" if d.status == "not_analyzed" else "failed", reason=d.reason)
+            for d in decoded
+        ]
+        scored = [(index, d.pixels) for index, d in enumerate(decoded) if d.pixels is not None]
+        if scored:
             start = time.perf_counter()
-            risks = self.bundle.predict(np.stack(inputs))
-            per_study_ms = (time.perf_counter() - start) * 1000 / len(inputs)
-            for index, risk in zip(scored, risks, strict=True):
+            risks = self.bundle.predict(np.stack([pixels for _, pixels in scored]))
+            per_study_ms = (time.perf_counter() - start) * 1000 / len(scored)
+            for (index, _), risk in zip(scored, risks, strict=True):
                 results[index] = Result("scored", risk=float(risk), inference_ms=per_study_ms)
-        return [results[index] for index in range(len(claims))]
+        return results
+
+    def score(self, claims: list[Claim]) -> list[Result]:
+        """Decode, gate and score claimed studies with one forward pass. Never raises for bad pixels."""
+        return self.forward(self.decode(claims))
 
     def finish(self, claims: list[Claim], results: list[Result]) -> int:
         """Write results, in one transaction, for the attempts this worker still holds.
@@ -248,11 +228,39 @@ class Worker:
         """Claim, score and finish one batch; False when there was nothing to do."""
         claims = self.claim(self.settings.batch_size)
         if claims:
-            self.finish(claims, self.score(claims))
-            self.batches += 1
-            self.studies += len(claims)
+            self._complete(claims, self.score(claims))
         self.heartbeat()
         return bool(claims)
+
+    def run_ahead(self, feeder: ThreadPoolExecutor) -> bool:
+        """One step of the pipeline: claim batch N+1 and start decoding it, then score batch N.
+
+        The decoding of the next batch (in :attr:`pool`, driven from ``feeder``'s thread)
+        overlaps the forward pass of this one. Each batch is still claimed, leased and
+        finished, fenced by attempt, exactly as in :meth:`run_once`; if this step fails,
+        the batch being scored is left to its lease like any crashed attempt.
+
+        Returns:
+            False when there was nothing to do.
+        """
+        claims = self.claim(self.settings.batch_size)
+        upcoming = _Ahead(claims, feeder.submit(self.decode, claims)) if claims else None
+        current, self._ahead = self._ahead, upcoming
+        if current is not None:
+            self._complete(current.claims, self.forward(current.decoded.result()))
+        self.heartbeat()
+        return current is not None or upcoming is not None
+
+    def drain(self) -> None:
+        """Score and finish the batch decoded ahead, if any (on stop)."""
+        current, self._ahead = self._ahead, None
+        if current is not None:
+            self._complete(current.claims, self.forward(current.decoded.result()))
+
+    def _complete(self, claims: list[Claim], results: list[Result]) -> None:
+        self.finish(claims, results)
+        self.batches += 1
+        self.studies += len(claims)
 
     def heartbeat(self, every_seconds: float = 5.0) -> None:
         """Record that this worker is alive (at most every ``every_seconds``)."""
@@ -275,14 +283,23 @@ class Worker:
     def run(self, stop: threading.Event) -> None:
         """Work until ``stop`` is set; a failing iteration is logged, never fatal.
 
-        When idle it sleeps for ``poll_seconds``; on PostgreSQL a ``NOTIFY`` from an upload
-        wakes it at once (polling stays the fallback if the listening connection drops).
+        With ``settings.decode_workers`` > 0, studies are decoded in a pool of that many
+        processes, one batch ahead of the forward pass (:meth:`run_ahead`); the pool is
+        closed when the worker stops. When idle it sleeps for ``poll_seconds``; on
+        PostgreSQL a ``NOTIFY`` from an upload wakes it at once (polling stays the
+        fallback if the listening connection drops).
         """
-        listener = _Listener(self.factory) if self._on_postgres() else None
+        workers, bound = self.settings.decode_workers, self.settings.decode_timeout_seconds
+        owned = DecodePool(workers, bound) if workers else None
+        self.pool = owned or self.pool
+        feeder = ThreadPoolExecutor(1, thread_name_prefix="triage-decode") if self.pool else None
+        listener: _Listener | None = None
         try:
+            listener = _Listener(self.factory) if self._on_postgres() else None
+            self.warm_up()
             while not stop.is_set():
                 try:
-                    busy = self.run_once()
+                    busy = self.run_ahead(feeder) if feeder is not None else self.run_once()
                 except Exception as exc:
                     # The type only: messages from decoders may quote header values (PHI).
                     log.error("worker iteration failed (%s); retrying", type(exc).__name__)
@@ -295,9 +312,27 @@ class Worker:
                     listener.close()  # broken: fall back to polling
                     listener = None
                 stop.wait(self.settings.poll_seconds)
+            try:
+                self.drain()
+            except Exception as exc:
+                log.error("finishing the last batch failed (%s); its lease will expire", type(exc).__name__)
         finally:
             if listener is not None:
                 listener.close()
+            if feeder is not None:
+                feeder.shutdown(wait=True, cancel_futures=True)
+            if owned is not None:
+                owned.close()
+                self.pool = None
+
+    def warm_up(self) -> None:
+        """One forward pass of a full batch of zeros, so that the first real batch does not
+        pay for kernel selection and allocations (and its latency is the steady one)."""
+        size = self.bundle.card.preprocessing.input_size
+        try:
+            self.bundle.predict(np.zeros((self.settings.batch_size, 3, size, size), dtype=np.float32))
+        except Exception as exc:
+            log.error("warm-up failed (%s)", type(exc).__name__)
 
     def _on_postgres(self) -> bool:
         with self.factory() as session:

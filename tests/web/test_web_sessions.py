@@ -1,0 +1,238 @@
+"""Web login and sessions without a browser: what is stored, expiry, CSRF, throttling,
+passwords from the API and the CLI, and the heat-map route."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from audit.log import AuditEvent
+from tests.conftest import DATA, MakeKey, bearer, upload, wait_for
+from tests.test_cli import run_triage, triage_env
+from triage_api import auth, passwords
+from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
+from triage_api.errors import InvalidRequest
+from triage_api.settings import Settings
+from triage_api.tables import Case, User, WebSession
+
+PASSWORD = "a long test password"
+
+
+@pytest.fixture
+def factory(settings: Settings):  # type: ignore[no-untyped-def]
+    engine = make_engine(settings.sqlalchemy_url)
+    migrate(engine)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+def add_user(factory, name: str, role: str = "radiologist", clinics: tuple[str, ...] = ("north",)) -> str:  # type: ignore[no-untyped-def]
+    with transaction(factory) as session:
+        user, key = auth.add_user(session, name=name, role=auth.Role(role), clinics=list(clinics))
+        passwords.set_password(session, user, PASSWORD)
+    return key
+
+
+def login_token(client: TestClient) -> str:
+    page = client.get("/login")
+    found = re.search(r'name="csrf_token" value="([0-9a-f]{64})"', page.text)
+    assert found is not None
+    return found.group(1)
+
+
+def login(client: TestClient, name: str, password: str = PASSWORD):  # type: ignore[no-untyped-def]
+    return client.post(
+        "/login",
+        data={"username": name, "password": password, "csrf_token": login_token(client)},
+        follow_redirects=False,
+    )
+
+
+def csrf(client: TestClient, path: str = "/web/worklist") -> str:
+    found = re.search(r'name="csrf-token" content="([0-9a-f]{64})"', client.get(path).text)
+    assert found is not None
+    return found.group(1)
+
+
+def test_only_the_token_hash_is_stored_and_the_cookie_is_locked_down(client: TestClient, factory) -> None:  # type: ignore[no-untyped-def]
+    add_user(factory, "dr")
+    response = login(client, "dr")
+    assert response.status_code == 303 and response.headers["location"] == "/"
+    set_cookie = response.headers["set-cookie"]
+    assert "HttpOnly" in set_cookie and "SameSite=strict" in set_cookie and "Secure" not in set_cookie
+    token = client.cookies["triage_session"]
+    assert len(token) >= 43  # 256 bits, url-safe base64
+    with factory() as session:
+        row = session.execute(select(WebSession)).scalar_one()
+        assert row.token_sha256 == hashlib.sha256(token.encode()).hexdigest()
+        stored = session.get_one(User, row.user_id).password_hash
+        assert stored is not None and stored.startswith("$argon2id$") and PASSWORD not in stored
+    assert client.get("/web/api/worklist").status_code == 200
+
+
+def test_the_cookie_is_secure_over_https(settings: Settings, factory) -> None:  # type: ignore[no-untyped-def]
+    from triage_api.app import create_app
+
+    add_user(factory, "dr")
+    with TestClient(create_app(settings), base_url="https://testserver") as client:
+        assert "Secure" in login(client, "dr").headers["set-cookie"]
+
+
+def test_idle_and_old_sessions_end(client: TestClient, factory, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    add_user(factory, "dr")
+    for column, age in (
+        ("last_seen", timedelta(minutes=settings.web_idle_minutes + 1)),
+        ("created_at", timedelta(hours=13)),
+    ):
+        login(client, "dr")
+        assert client.get("/web/api/worklist").status_code == 200
+        with transaction(factory) as session:
+            row = session.execute(select(WebSession)).scalar_one()
+            setattr(row, column, datetime.now(UTC) - age)
+        refused = client.get("/web/api/worklist")
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "not_authenticated"
+        page = client.get("/web/worklist", follow_redirects=False)
+        assert page.status_code == 303 and page.headers["location"] == "/login"
+        with factory() as session:
+            assert session.execute(select(func.count()).select_from(WebSession)).scalar_one() == 0
+
+
+def test_abandoned_sessions_are_swept_at_the_next_login(settings: Settings, factory) -> None:  # type: ignore[no-untyped-def]
+    from triage_api.app import create_app
+
+    add_user(factory, "dr")
+    add_user(factory, "other")
+    with TestClient(create_app(settings)) as first, TestClient(create_app(settings)) as second:
+        login(first, "dr")
+        with transaction(factory) as session:
+            session.execute(select(WebSession)).scalar_one().last_seen = datetime.now(UTC) - timedelta(days=1)
+        login(second, "other")
+    with factory() as session:
+        rows = list(session.execute(select(WebSession)).scalars())
+    assert len(rows) == 1  # only the fresh session of "other" is left
+
+
+def test_login_and_logout_need_their_csrf_token(client: TestClient, factory) -> None:  # type: ignore[no-untyped-def]
+    add_user(factory, "dr")
+    login_token(client)
+    refused = client.post("/login", data={"username": "dr", "password": PASSWORD}, follow_redirects=False)
+    assert refused.status_code == 403 and "triage_session" not in client.cookies
+    login(client, "dr")
+    assert client.post("/logout", follow_redirects=False).status_code == 403
+    assert client.get("/web/api/worklist").status_code == 200
+    out = client.post("/logout", data={"csrf_token": csrf(client)}, follow_redirects=False)
+    assert out.status_code == 303
+    with factory() as session:
+        assert session.execute(select(func.count()).select_from(WebSession)).scalar_one() == 0
+
+
+def test_failed_logins_are_audited_and_throttled_per_username(client: TestClient, factory) -> None:  # type: ignore[no-untyped-def]
+    add_user(factory, "dr")
+    add_user(factory, "other")
+    for _ in range(5):
+        assert login(client, "dr", "wrong password!").status_code == 401
+    throttled = login(client, "dr")  # even the right password waits now
+    assert throttled.status_code == 429 and int(throttled.headers["retry-after"]) > 0
+    assert login(client, "other").status_code == 303  # another username is unaffected
+    with factory() as session:
+        outcomes = [
+            (e.action, e.event_code, e.outcome, e.actor)
+            for e in session.execute(select(AuditEvent).where(AuditEvent.action.like("web.login%"))).scalars()
+        ]
+    assert outcomes.count(("web.login", "110114", 4, "anonymous")) == 5
+    assert ("web.login_throttled", "110113", 4, "anonymous") in outcomes
+    assert outcomes[-1][2] == 0
+    with factory() as session:  # what was typed is never stored
+        details = " ".join(e.details for e in session.execute(select(AuditEvent)).scalars())
+    assert "wrong password" not in details and PASSWORD not in details
+
+
+def test_passwords_are_argon2id_and_bounded() -> None:
+    stored = passwords.hash_password(PASSWORD)
+    assert stored.startswith("$argon2id$")
+    assert passwords.verify_password(stored, PASSWORD)
+    assert not passwords.verify_password(stored, PASSWORD + "x")
+    assert not passwords.verify_password(None, PASSWORD)
+    long = "p" * 200
+    assert passwords.verify_password(passwords.hash_password(long), long)
+    assert not passwords.verify_password(passwords.hash_password(long), long + "more")
+    with pytest.raises(InvalidRequest):
+        passwords.hash_password("short")
+
+
+def test_admin_sets_a_password_through_the_api(client: TestClient, make_key: MakeKey) -> None:
+    admin = bearer(make_key("admin"))
+    made = client.post(
+        "/v1/users",
+        json={"name": "dr-new", "role": "radiologist", "clinics": ["north"], "password": PASSWORD},
+        headers=admin,
+    )
+    assert made.status_code == 201, made.text
+    assert login(client, "dr-new").status_code == 303
+    short = client.post(
+        "/v1/users", json={"name": "dr-short", "role": "radiologist", "password": "short"}, headers=admin
+    )
+    assert short.status_code == 422
+
+
+def test_users_add_takes_a_password_from_the_environment(tmp_path, database_url: str, tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    env = triage_env(tmp_path, database_url, tiny_bundle)
+    made = run_triage(
+        {**env, "TRIAGE_NEW_PASSWORD": PASSWORD},
+        *("users", "add", "--name", "dr-cli", "--role", "radiologist", "--clinic", "north", "--password"),
+    )
+    assert made.returncode == 0, made.stderr
+    assert PASSWORD not in made.stdout + made.stderr
+    short = run_triage(
+        {**env, "TRIAGE_NEW_PASSWORD": "short"},
+        *("users", "add", "--name", "dr-short", "--role", "radiologist", "--clinic", "north", "--password"),
+    )
+    assert short.returncode == 2 and "12 to 200 characters" in short.stderr
+    engine = make_engine(database_url)
+    with make_sessionmaker(engine)() as session:
+        users = {u.name: u.password_hash for u in session.execute(select(User)).scalars()}
+    engine.dispose()
+    assert users["dr-cli"] is not None and passwords.verify_password(users["dr-cli"], PASSWORD)
+    assert "dr-short" not in users
+
+
+def test_heatmap_route_follows_the_image_rules(
+    client: TestClient, make_key: MakeKey, settings: Settings
+) -> None:
+    uploader = make_key("uploader", "north")
+    reader = make_key("radiologist", "north")
+    stranger = make_key("radiologist", "south")
+    case_id = upload(client, uploader, (DATA / "cxr_normal.jpeg").read_bytes(), "x.jpeg").json()["id"]
+    assert wait_for(client, uploader, case_id)["status"] == "scored"
+    first = client.get(f"/v1/studies/{case_id}/heatmap", headers=bearer(reader))
+    assert first.status_code == 200 and first.headers["content-type"] == "image/png"
+    assert first.content.startswith(b"\x89PNG")
+    cached = list(settings.blob_dir.rglob("*.heatmap.*.png"))
+    assert len(cached) == 1
+    assert client.get(f"/v1/studies/{case_id}/heatmap", headers=bearer(uploader)).content == first.content
+    assert client.get(f"/v1/studies/{case_id}/heatmap", headers=bearer(stranger)).status_code == 404
+    dog = upload(client, uploader, (DATA / "dx_thorax_dog_monochrome1.dcm").read_bytes()).json()["id"]
+    assert wait_for(client, uploader, dog)["status"] == "not_analyzed"
+    missing = client.get(f"/v1/studies/{dog}/heatmap", headers=bearer(reader))
+    assert missing.status_code == 404 and "no AI result" in missing.json()["error"]["message"]
+    # The blinded appeal reader gets no heat map.
+    second = make_key("radiologist", "north")
+    client.post(
+        f"/v1/studies/{case_id}/reads",
+        json={"finding": "normal", "agrees_with_ai": True, "ai_score_shown": True},
+        headers=bearer(reader),
+    )
+    appeal = client.post(
+        "/v1/appeals",
+        json={"case_id": case_id, "category": "other", "grounds": "g", "contact_reference": "r"},
+        headers=bearer(uploader),
+    ).json()
+    assert client.post(f"/v1/appeals/{appeal['id']}/take", headers=bearer(second)).status_code == 200
+    assert client.get(f"/v1/studies/{case_id}/heatmap", headers=bearer(second)).status_code == 403
+    with client.app.state.runtime.reads() as session:  # type: ignore[attr-defined]
+        assert session.get_one(Case, case_id).risk is not None

@@ -1,0 +1,81 @@
+// Worklist: poll /web/api/worklist, render rows in deadline order, j/k/Enter/n keys.
+(function () {
+  "use strict";
+  var POLL_MS = 3000;
+  var body = document.querySelector("#worklist tbody");
+  var form = document.getElementById("filters");
+  var live = document.getElementById("live");
+  var items = [], selected = 0, timer = null, seq = 0;
+
+  function left(deadline, now) {
+    var s = Math.round((Date.parse(deadline) - now) / 1000), over = s < 0, a = Math.abs(s);
+    var text = a >= 3600 ? Math.floor(a / 3600) + " h " + Math.floor((a % 3600) / 60) + " min" : Math.floor(a / 60) + " min " + (a % 60) + " s";
+    return { over: over, text: over ? "overdue " + text : text };
+  }
+  function cell(tr, text, cls) { var td = document.createElement("td"); td.textContent = text; if (cls) td.className = cls; tr.appendChild(td); return td; }
+  function render() {
+    var now = Date.now(), rows = document.createDocumentFragment();
+    items.forEach(function (it, i) {
+      var tr = document.createElement("tr"), l = left(it.deadline, now);
+      tr.dataset.case = it.id; tr.dataset.deadline = it.deadline; tr.tabIndex = -1;
+      if (l.over) tr.className = "overdue";
+      var t = cell(tr, ""), badge = document.createElement("span");
+      badge.className = "tier tier-" + it.tier; badge.textContent = it.tier; t.appendChild(badge);
+      cell(tr, it.risk === null ? "—" : (it.risk * 100).toFixed(1) + "%");
+      cell(tr, l.text, "left");
+      cell(tr, it.status.replace("_", " "));
+      cell(tr, it.clinic);
+      cell(tr, it.claimed_by ? (it.claimed_by_me ? "you" : it.claimed_by) : "—");
+      var c = cell(tr, ""), a = document.createElement("a");
+      a.href = "/web/cases/" + encodeURIComponent(it.id); a.textContent = it.id.slice(0, 12); c.appendChild(a);
+      if (i === selected) tr.classList.add("selected");
+      tr.addEventListener("click", function (e) { if (e.target.tagName !== "A") open(i); });
+      rows.appendChild(tr);
+    });
+    body.replaceChildren(rows);
+    if (!items.length) { var tr = document.createElement("tr"); cell(tr, "Nothing to read.").colSpan = 7; body.appendChild(tr); }
+  }
+  function query() {
+    var p = new URLSearchParams();
+    new FormData(form).forEach(function (v, k) { if (v) p.set(k, v); });
+    return p.toString();
+  }
+  function poll() {
+    clearTimeout(timer);
+    var mine = ++seq;  // a newer request (filters changed) makes older answers stale
+    fetch("/web/api/worklist?" + query(), { headers: { Accept: "application/json" }, credentials: "same-origin" })
+      .then(function (r) {
+        if (r.status === 401) { location.href = "/login"; throw new Error("signed out"); }
+        if (!r.ok) throw new Error("HTTP " + r.status);
+        return r.json();
+      })
+      .then(function (data) {
+        if (mine !== seq) return;
+        var id = items[selected] && items[selected].id, t0 = performance.now();
+        items = data.items;
+        var keep = items.findIndex(function (it) { return it.id === id; });
+        selected = keep >= 0 ? keep : Math.min(selected, Math.max(items.length - 1, 0));
+        render();
+        document.body.dataset.renderMs = (performance.now() - t0).toFixed(2);  // read by bench/worklist_page.py
+        live.textContent = items.length + " cases · updated " + new Date().toLocaleTimeString();
+        document.body.dataset.polls = String(Number(document.body.dataset.polls || 0) + 1);
+      })
+      .catch(function (e) { if (mine === seq) live.textContent = "update failed (" + e.message + "); retrying"; })
+      .finally(function () { if (mine === seq) timer = setTimeout(poll, POLL_MS); });
+  }
+  function open(i) { if (items[i]) location.href = "/web/cases/" + encodeURIComponent(items[i].id); }
+  function move(d) { if (!items.length) return; selected = Math.max(0, Math.min(items.length - 1, selected + d)); render(); body.children[selected].scrollIntoView({ block: "nearest" }); }
+  document.addEventListener("keydown", function (e) {
+    if (e.target.closest("input, select, textarea") || e.ctrlKey || e.metaKey || e.altKey) return;
+    if (e.key === "j") move(1);
+    else if (e.key === "k") move(-1);
+    else if (e.key === "Enter") open(selected);
+    else if (e.key === "n") open(items.findIndex(function (it) { return !it.claimed_by || it.claimed_by_me; }));
+    else return;
+    e.preventDefault();
+  });
+  form.addEventListener("change", function () { selected = 0; poll(); });
+  form.addEventListener("submit", function (e) { e.preventDefault(); poll(); });
+  setInterval(render, 1000);  // keep "time left" ticking between polls
+  poll();
+})();

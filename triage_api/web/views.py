@@ -1,0 +1,802 @@
+"""Pages for radiologists, clinics and auditors, over the services the REST API uses.
+
+A signed-in user becomes the same :class:`~triage_api.auth.Principal` an API key gives, so
+clinic scope, blinding and roles are enforced by the same functions (``cases``,
+``reading``, ``appeals``, ``monitoring``, ``audit``). Every POST needs the session's CSRF
+token, as a ``csrf_token`` form field or an ``X-CSRF-Token`` header.
+"""
+
+from __future__ import annotations
+
+import inspect
+import secrets
+from collections.abc import Awaitable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Cookie, Depends, FastAPI, Form, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from audit.log import AuditEvent
+from audit.query import search
+from models.bundle import BundleError, ModelCard, read_card
+from triage_api import appeals, cases, imaging, monitoring, reading
+from triage_api.audit_views import visible_to
+from triage_api.auth import Principal, Role
+from triage_api.db import transaction
+from triage_api.deps import Runtime, RuntimeDep
+from triage_api.errors import InvalidRequest, NotAuthenticated, TriageError
+from triage_api.schemas import AppealCreate, AppealDecision, PriorityChange, ReadCreate
+from triage_api.tables import Appeal, Case, Clinic, User
+from triage_api.web import charts, desk, sessions
+from triage_api.web.sessions import LoginThrottle, WebUser
+
+HERE = Path(__file__).resolve().parent
+COOKIE = "triage_session"
+LOGIN_COOKIE = "triage_login_csrf"
+
+templates = Jinja2Templates(directory=str(HERE / "templates"))
+
+
+def _duration(seconds: float | None) -> str:
+    """``42 s``, ``12 min``, ``3.5 h``; an em dash for no data."""
+    if seconds is None:
+        return "—"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+templates.env.filters["duration"] = _duration
+router = APIRouter(include_in_schema=False)
+
+FINDINGS = ("normal", "pneumonia", "other_finding", "non_diagnostic")
+OVERRIDE_REASONS = (
+    "false_positive",
+    "false_negative",
+    "image_quality",
+    "outside_intended_use",
+    "clinical_context",
+    "other",
+)
+PRIORITY_REASONS = ("clinical_urgency", "clinical_context", "image_quality", "requested_by_clinic", "other")
+TIERS = ("critical", "elevated", "routine")
+STATUSES = ("queued", "running", "scored", "not_analyzed", "failed")
+APPEAL_CATEGORIES = ("read_too_late", "disagree_with_result", "ai_should_not_have_been_applied", "other")
+APPEAL_OUTCOMES = ("upheld", "overturned", "partially")
+HOME = {
+    Role.RADIOLOGIST: "/web/worklist",
+    Role.UPLOADER: "/web/clinic",
+    Role.AUDITOR: "/web/audit",
+    Role.ADMIN: "/web/admin",
+}
+
+
+class CsrfRefused(TriageError):
+    status, code = 403, "csrf_refused"
+
+
+class WebState:
+    """Per-process web state: the login throttle."""
+
+    def __init__(self, failures: int, window_minutes: float) -> None:
+        self.throttle = LoginThrottle(failures, window_minutes * 60)
+
+
+def _state(request: Request) -> WebState:
+    state: WebState | None = getattr(request.app.state, "web", None)
+    if state is None:
+        runtime: Runtime = request.app.state.runtime
+        state = WebState(runtime.settings.web_login_failures, runtime.settings.web_login_window_minutes)
+        request.app.state.web = state
+    return state
+
+
+def _user(runtime: RuntimeDep, triage_session: Annotated[str | None, Cookie(alias=COOKIE)] = None) -> WebUser:
+    # Most requests only read (no write lock on SQLite); expiry and the idle clock write.
+    with runtime.reads() as session:
+        user, write = sessions.peek(session, token=triage_session, settings=runtime.settings)
+    if write:
+        with transaction(runtime.factory) as session:
+            user = sessions.current(session, token=triage_session, settings=runtime.settings)
+    if user is None:
+        raise NotAuthenticated("please sign in")
+    return user
+
+
+def _maybe_user(request: Request) -> WebUser | None:
+    """The signed-in user for an error page's header, if any (read-only)."""
+    runtime: Runtime | None = getattr(request.app.state, "runtime", None)
+    if runtime is None:
+        return None
+    try:
+        with runtime.reads() as session:
+            user, _ = sessions.peek(session, token=request.cookies.get(COOKIE), settings=runtime.settings)
+    except Exception:  # an error page must not fail on its header
+        return None
+    return user
+
+
+CurrentUser = Annotated[WebUser, Depends(_user)]
+
+
+def _checked(
+    user: CurrentUser,
+    csrf_token: Annotated[str | None, Form()] = None,
+    x_csrf_token: Annotated[str | None, Header()] = None,
+) -> WebUser:
+    if not sessions.csrf_ok(user.csrf_token, x_csrf_token or csrf_token):
+        raise CsrfRefused("missing or wrong CSRF token; reload the page and try again")
+    return user
+
+
+CheckedUser = Annotated[WebUser, Depends(_checked)]
+
+
+def _checked_json(user: CurrentUser, x_csrf_token: Annotated[str | None, Header()] = None) -> WebUser:
+    if not sessions.csrf_ok(user.csrf_token, x_csrf_token):
+        raise CsrfRefused("missing or wrong CSRF token; reload the page and try again")
+    return user
+
+
+CheckedFetch = Annotated[WebUser, Depends(_checked_json)]
+
+
+def _need(user: WebUser, *roles: Role) -> None:
+    user.principal.require(*roles)
+
+
+def _page(
+    request: Request, template: str, user: WebUser | None, status: int = 200, **context: Any
+) -> HTMLResponse:
+    return templates.TemplateResponse(
+        request,
+        template,
+        {"user": user, "home": HOME.get(user.principal.role) if user else "/login", **context},
+        status_code=status,
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+def _back(url: str) -> RedirectResponse:
+    return RedirectResponse(url, status_code=303)
+
+
+def _fields(error: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+
+
+def _names(session: Any, model: type[User] | type[Clinic], ids: set[int]) -> dict[int, str]:
+    if not ids:
+        return {}
+    return dict(session.execute(select(model.id, model.name).where(model.id.in_(ids))).all())
+
+
+# --- login -------------------------------------------------------------------------------
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_form(request: Request, error: str | None = None) -> HTMLResponse:
+    """The login page; a pre-session CSRF token guards the form (double-submit cookie)."""
+    token = secrets.token_hex(32)
+    response = _page(request, "login.html", None, token=token, error=error)
+    response.set_cookie(
+        LOGIN_COOKIE,
+        token,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/login",
+    )
+    return response
+
+
+@router.post("/login")
+def login(
+    request: Request,
+    runtime: RuntimeDep,
+    username: Annotated[str, Form(max_length=100)],
+    password: Annotated[str, Form(max_length=200)],
+    csrf_token: Annotated[str | None, Form()] = None,
+    login_cookie: Annotated[str | None, Cookie(alias=LOGIN_COOKIE)] = None,
+) -> Response:
+    """Check the password and open a session."""
+    if not login_cookie or not sessions.csrf_ok(login_cookie, csrf_token):
+        raise CsrfRefused("the login form expired; reload the page and try again")
+    with transaction(runtime.factory) as session:
+        outcome = sessions.login(
+            session,
+            name=username,
+            password=password,
+            throttle=_state(request).throttle,
+            settings=runtime.settings,
+        )
+    if isinstance(outcome, sessions.TooManyAttempts):
+        raise outcome
+    if outcome is None:
+        return _page(
+            request, "login.html", None, status=401, token=csrf_token, error="Wrong username or password."
+        )
+    response = _back("/")
+    secure = runtime.settings.web_secure_cookie or request.url.scheme == "https"
+    response.set_cookie(
+        COOKIE,
+        outcome,
+        httponly=True,
+        samesite="strict",
+        secure=secure,
+        path="/",
+        max_age=int(runtime.settings.web_session_hours * 3600),
+    )
+    response.delete_cookie(LOGIN_COOKIE, path="/login")
+    return response
+
+
+@router.post("/logout")
+def logout(
+    runtime: RuntimeDep, user: CheckedUser, triage_session: Annotated[str, Cookie(alias=COOKIE)]
+) -> Response:
+    """End the session."""
+    with transaction(runtime.factory) as session:
+        sessions.logout(session, token=triage_session, user=user)
+    response = _back("/login")
+    response.delete_cookie(COOKIE, path="/")
+    return response
+
+
+@router.get("/")
+def root(user: CurrentUser) -> Response:
+    """Each role's start page."""
+    return _back(HOME[user.principal.role])
+
+
+# --- radiologist -------------------------------------------------------------------------
+
+
+@router.get("/web/worklist", response_class=HTMLResponse)
+def worklist_page(request: Request, runtime: RuntimeDep, user: CurrentUser) -> HTMLResponse:
+    """The radiologist's worklist; rows come from ``/web/api/worklist`` and refresh live."""
+    _need(user, Role.RADIOLOGIST)
+    with runtime.reads() as session:
+        clinics = _names(session, Clinic, set(user.principal.clinic_ids))
+        mine = appeals.list_appeals(session, principal=user.principal)
+    return _page(
+        request,
+        "worklist.html",
+        user,
+        clinics=sorted(clinics.items(), key=lambda c: c[1]),
+        tiers=TIERS,
+        statuses=STATUSES,
+        appeals=mine,
+    )
+
+
+@router.get("/web/api/worklist")
+def worklist_json(
+    runtime: RuntimeDep,
+    user: CurrentUser,
+    clinic: int | None = None,
+    tier: Annotated[str | None, Query(pattern="^(critical|elevated|routine)$")] = None,
+    status: Annotated[str | None, Query(pattern="^(queued|running|scored|not_analyzed|failed)$")] = None,
+    unread: bool | None = True,
+    limit: Annotated[int, Query(ge=1, le=500)] = 200,
+) -> dict[str, Any]:
+    """``/v1/worklist`` for the page, with clinic and reader names (session auth)."""
+    _need(user, Role.RADIOLOGIST, Role.AUDITOR, Role.UPLOADER)
+    principal = user.principal
+    if clinic is not None:
+        if clinic not in principal.clinic_ids:
+            raise InvalidRequest("not one of your clinics")
+        principal = Principal(principal.user_id, principal.role, frozenset({clinic}))
+    with transaction(runtime.factory) as session:
+        rows = cases.worklist(
+            session, principal=principal, status=status, tier=tier, unread=unread, limit=limit
+        )
+        clinics = _names(session, Clinic, {c.clinic_id for c in rows})
+        readers = _names(session, User, {c.claimed_by for c in rows if c.claimed_by is not None})
+        items = [
+            {
+                "id": c.id,
+                "clinic": clinics.get(c.clinic_id, str(c.clinic_id)),
+                "status": c.status,
+                "tier": c.tier,
+                "risk": c.risk,
+                "deadline": c.deadline.isoformat(),
+                "received_at": c.received_at.isoformat(),
+                "claimed_by": readers.get(c.claimed_by) if c.claimed_by is not None else None,
+                "claimed_by_me": c.claimed_by == user.principal.user_id,
+                "model_version": c.model_ref,
+            }
+            for c in rows
+        ]
+    return {"now": datetime.now(UTC).isoformat(), "items": items}
+
+
+def _card(runtime: Runtime, model_ref: str | None) -> ModelCard | None:
+    try:
+        card = read_card(runtime.settings.model_path)
+    except (BundleError, OSError, ValueError):
+        return None
+    return card if model_ref is None or card.ref == model_ref else None
+
+
+@router.get("/web/cases/{case_id}", response_class=HTMLResponse)
+def case_page(request: Request, runtime: RuntimeDep, user: CurrentUser, case_id: str) -> HTMLResponse:
+    """The case viewer: picture, heat map, AI result with its model card, and the read."""
+    _need(user, Role.RADIOLOGIST, Role.AUDITOR, Role.UPLOADER)
+    with transaction(runtime.factory) as session:
+        case, prediction = cases.read_case(session, principal=user.principal, case_id=case_id)
+        first = reading.primary_read(session, case.id)
+        clinic = session.get_one(Clinic, case.clinic_id).name
+        people = _names(session, User, {i for i in (case.claimed_by, first and first.reader_id) if i})
+    claimed_by = people.get(case.claimed_by) if case.claimed_by else None
+    reader = people.get(first.reader_id) if first else None
+    return _page(
+        request,
+        "case.html",
+        user,
+        case=case,
+        prediction=prediction,
+        first=first,
+        reader=reader,
+        clinic=clinic,
+        claimed_by=claimed_by,
+        card=_card(runtime, case.model_ref),
+        findings=FINDINGS,
+        reasons=OVERRIDE_REASONS,
+        priority_reasons=PRIORITY_REASONS,
+        tiers=TIERS,
+        can_read=user.principal.role is Role.RADIOLOGIST,
+        message=request.query_params.get("done"),
+    )
+
+
+@router.get("/web/cases/{case_id}/image.png")
+def case_image(runtime: RuntimeDep, user: CurrentUser, case_id: str) -> Response:
+    """The study as a grey PNG for the canvas viewer."""
+    with transaction(runtime.factory) as session:
+        case = imaging.image_case(session, principal=user.principal, case_id=case_id)
+    return Response(
+        imaging.case_png(case, runtime.settings),
+        media_type="image/png",
+        headers={"Cache-Control": "private, no-store"},
+    )
+
+
+@router.get("/web/cases/{case_id}/heatmap.png")
+def case_heatmap(runtime: RuntimeDep, user: CurrentUser, case_id: str) -> Response:
+    """The Grad-CAM overlay (same rules as ``GET /v1/studies/{id}/heatmap``)."""
+    with transaction(runtime.factory) as session:
+        case = imaging.heatmap_case(session, principal=user.principal, case_id=case_id)
+    return Response(
+        imaging.heatmap_png(case, runtime.settings),
+        media_type="image/png",
+        headers={"Cache-Control": "private, no-store"},
+    )
+
+
+@router.post("/web/cases/{case_id}/claim")
+def claim(runtime: RuntimeDep, user: CheckedFetch, case_id: str) -> dict[str, Any]:
+    """Claim the case (a fetch from the viewer; CSRF token in the header)."""
+    _need(user, Role.RADIOLOGIST)
+    with transaction(runtime.factory) as session:
+        case = reading.claim(session, principal=user.principal, case_id=case_id)
+        return {"case_id": case.id, "claimed": True}
+
+
+@router.post("/web/cases/{case_id}/release")
+def release(runtime: RuntimeDep, user: CheckedFetch, case_id: str) -> dict[str, Any]:
+    """Release your claim on the case."""
+    _need(user, Role.RADIOLOGIST)
+    with transaction(runtime.factory) as session:
+        case = reading.release(session, principal=user.principal, case_id=case_id)
+        return {"case_id": case.id, "claimed": False}
+
+
+@router.post("/web/cases/{case_id}/read")
+def submit_read(
+    runtime: RuntimeDep,
+    user: CheckedUser,
+    case_id: str,
+    finding: Annotated[str, Form()] = "",
+    agreement: Annotated[str, Form()] = "",
+    override_reason: Annotated[str, Form()] = "",
+    note: Annotated[str, Form(max_length=2000)] = "",
+) -> Response:
+    """Record the final read: agree with the AI, or override it with a reason code."""
+    _need(user, Role.RADIOLOGIST)
+    try:
+        body = ReadCreate.model_validate(
+            {
+                "finding": finding,
+                "agrees_with_ai": {"agree": True, "override": False}.get(agreement),
+                "override_reason": override_reason or None,
+                "note": note or None,
+                "ai_score_shown": True,
+            }
+        )
+    except ValidationError as exc:
+        raise InvalidRequest(_fields(exc)) from None
+    with transaction(runtime.factory) as session:
+        reading.record_read(session, principal=user.principal, case_id=case_id, **body.model_dump())
+    return _back(f"/web/cases/{case_id}?done=read")
+
+
+@router.post("/web/cases/{case_id}/priority")
+def reprioritise(
+    runtime: RuntimeDep,
+    user: CheckedUser,
+    case_id: str,
+    tier: Annotated[str, Form()] = "",
+    reason: Annotated[str, Form()] = "",
+    note: Annotated[str, Form(max_length=2000)] = "",
+) -> Response:
+    """Move the case to another tier, with a reason."""
+    _need(user, Role.RADIOLOGIST)
+    try:
+        body = PriorityChange.model_validate({"tier": tier, "reason": reason, "note": note or None})
+    except ValidationError as exc:
+        raise InvalidRequest(_fields(exc)) from None
+    with transaction(runtime.factory) as session:
+        reading.reprioritise(
+            session, principal=user.principal, case_id=case_id, settings=runtime.settings, **body.model_dump()
+        )
+    return _back(f"/web/cases/{case_id}?done=priority")
+
+
+# --- appeals: the blinded second read ------------------------------------------------------
+
+
+@router.post("/web/appeals/{appeal_id}/take")
+def take_appeal(runtime: RuntimeDep, user: CheckedUser, appeal_id: int) -> Response:
+    """Take an open appeal as its second reader."""
+    _need(user, Role.RADIOLOGIST)
+    with transaction(runtime.factory) as session:
+        appeals.take_appeal(session, principal=user.principal, appeal_id=appeal_id)
+    return _back(f"/web/appeals/{appeal_id}")
+
+
+@router.get("/web/appeals/{appeal_id}", response_class=HTMLResponse)
+def appeal_page(request: Request, runtime: RuntimeDep, user: CurrentUser, appeal_id: int) -> HTMLResponse:
+    """The second reader's blinded view: the study only, no AI score, heat map or first read."""
+    _need(user, Role.RADIOLOGIST)
+    with transaction(runtime.factory) as session:
+        appeal, case = appeals.blinded_view(session, principal=user.principal, appeal_id=appeal_id)
+    return _page(
+        request, "appeal.html", user, appeal=appeal, case=case, findings=FINDINGS, outcomes=APPEAL_OUTCOMES
+    )
+
+
+@router.get("/web/appeals/{appeal_id}/image.png")
+def appeal_image(runtime: RuntimeDep, user: CurrentUser, appeal_id: int) -> Response:
+    """The study as a grey PNG for the assigned second reader."""
+    _need(user, Role.RADIOLOGIST)
+    with transaction(runtime.factory) as session:
+        _, case = appeals.blinded_view(session, principal=user.principal, appeal_id=appeal_id)
+    return Response(
+        imaging.case_png(case, runtime.settings),
+        media_type="image/png",
+        headers={"Cache-Control": "private, no-store"},
+    )
+
+
+@router.post("/web/appeals/{appeal_id}/decision")
+def decide_appeal(
+    runtime: RuntimeDep,
+    user: CheckedUser,
+    appeal_id: int,
+    finding: Annotated[str, Form()] = "",
+    outcome: Annotated[str, Form()] = "",
+    rationale: Annotated[str, Form(max_length=4000)] = "",
+) -> Response:
+    """Record the second read and the outcome for the clinic."""
+    _need(user, Role.RADIOLOGIST)
+    try:
+        body = AppealDecision.model_validate({"finding": finding, "outcome": outcome, "rationale": rationale})
+    except ValidationError as exc:
+        raise InvalidRequest(_fields(exc)) from None
+    with transaction(runtime.factory) as session:
+        appeals.decide(session, principal=user.principal, appeal_id=appeal_id, **body.model_dump())
+    return _back("/web/worklist")
+
+
+# --- clinic ----------------------------------------------------------------------------------
+
+
+@router.get("/web/clinic", response_class=HTMLResponse)
+def clinic_page(request: Request, runtime: RuntimeDep, user: CurrentUser) -> HTMLResponse:
+    """A clinic's cases and their status, its appeals and their outcomes."""
+    _need(user, Role.UPLOADER)
+    with transaction(runtime.factory) as session:
+        rows = cases.worklist(session, principal=user.principal, limit=500)
+        filed = appeals.list_appeals(session, principal=user.principal)
+        second = {a.id: appeals.second_read(session, a) for a in filed}
+    return _page(
+        request,
+        "clinic.html",
+        user,
+        cases=rows,
+        appeals=filed,
+        second=second,
+        categories=APPEAL_CATEGORIES,
+        message=request.query_params.get("done"),
+    )
+
+
+@router.post("/web/appeals")
+def file_appeal(
+    runtime: RuntimeDep,
+    user: CheckedUser,
+    case_id: Annotated[str, Form()] = "",
+    category: Annotated[str, Form()] = "",
+    grounds: Annotated[str, Form(max_length=4000)] = "",
+    contact_reference: Annotated[str, Form(max_length=100)] = "",
+) -> Response:
+    """File an appeal on one of the clinic's cases."""
+    _need(user, Role.UPLOADER)
+    try:
+        body = AppealCreate.model_validate(
+            {
+                "case_id": case_id,
+                "category": category,
+                "grounds": grounds,
+                "contact_reference": contact_reference,
+            }
+        )
+    except ValidationError as exc:
+        raise InvalidRequest(_fields(exc)) from None
+    with transaction(runtime.factory) as session:
+        appeals.file_appeal(
+            session,
+            principal=user.principal,
+            due_hours=runtime.settings.appeal_due_hours,
+            **body.model_dump(),
+        )
+    return _back("/web/clinic?done=appeal")
+
+
+# --- auditor ---------------------------------------------------------------------------------
+
+
+@router.get("/web/audit", response_class=HTMLResponse)
+def audit_desk(
+    request: Request,
+    runtime: RuntimeDep,
+    user: CurrentUser,
+    reason: Annotated[str | None, Query(max_length=40)] = None,
+    reader: Annotated[str | None, Query(max_length=12, pattern=r"^[0-9]*$")] = None,
+    model: Annotated[str | None, Query(max_length=100)] = None,
+) -> HTMLResponse:
+    """The auditor's desk: overrides (filterable) and appeals."""
+    _need(user, Role.AUDITOR)
+    reason, model = reason or None, model or None
+    reader_id = int(reader) if reader else None  # the filter form sends "" for "any"
+    with transaction(runtime.factory) as session:
+        rows = desk.overrides(
+            session, principal=user.principal, reason=reason, reader_id=reader_id, model_ref=model
+        )
+        all_readers = desk.readers(session, user.principal)
+        models = sorted(
+            {
+                m
+                for m in session.execute(
+                    select(Case.model_ref).where(Case.clinic_id.in_(user.principal.clinic_ids)).distinct()
+                ).scalars()
+                if m
+            }
+        )
+        listed = appeals.list_appeals(session, principal=user.principal)
+        second = {a.id: appeals.second_read(session, a) for a in listed}
+    return _page(
+        request,
+        "audit.html",
+        user,
+        overrides=rows,
+        readers=all_readers,
+        models=models,
+        reasons=OVERRIDE_REASONS,
+        chosen={"reason": reason, "reader": reader_id, "model": model},
+        appeals=listed,
+        second=second,
+    )
+
+
+@router.get("/web/audit/log", response_class=HTMLResponse)
+def audit_log(
+    request: Request,
+    runtime: RuntimeDep,
+    user: CurrentUser,
+    action: Annotated[str | None, Query(max_length=60)] = None,
+    object_type: Annotated[str | None, Query(max_length=40)] = None,
+    after_seq: Annotated[int, Query(ge=0)] = 0,
+) -> HTMLResponse:
+    """The audit log, with the chain verified now and the last signed checkpoint."""
+    _need(user, Role.AUDITOR)
+    action, object_type = action or None, object_type or None
+    with transaction(runtime.factory) as session:
+        events: list[AuditEvent] = list(
+            search(
+                session,
+                visible=visible_to(user.principal),
+                action=action,
+                object_type=object_type,
+                after_seq=after_seq,
+                limit=100,
+            )
+        )
+        status = desk.chain_status(
+            session, principal=user.principal, key_path=runtime.settings.audit_key_path
+        )
+    return _page(
+        request,
+        "audit_log.html",
+        user,
+        events=events,
+        chain=status,
+        chosen={"action": action or "", "object_type": object_type or ""},
+        next_after=events[-1].seq if len(events) == 100 else None,
+    )
+
+
+TREND_WINDOWS = 6
+"""The monitoring window is cut into this many consecutive windows for the trend charts."""
+
+
+def _charts(
+    session: Session, user: WebUser, runtime: Runtime, window: monitoring.Window
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The window's metrics, and the SVG charts: trends over sub-windows, then per model the
+    reliability diagram and time to first read before (previous window) and after."""
+    principal = user.principal
+    metrics = monitoring.model_metrics(
+        session,
+        principal=principal,
+        window=window,
+        validation=monitoring.validation_histograms(runtime.settings.model_path),
+    )
+    length = window.until - window.since
+    previous = monitoring.model_metrics(
+        session, principal=principal, window=monitoring.Window(window.since - length, window.since)
+    )
+    step = length / TREND_WINDOWS
+    payloads = []
+    for i in range(TREND_WINDOWS):
+        part = monitoring.Window(window.since + step * i, window.since + step * (i + 1))
+        payloads.append(
+            {
+                "window": {"since": part.since, "until": part.until},
+                "models": monitoring.model_metrics(session, principal=principal, window=part),
+            }
+        )
+    trends = charts.charts_for_windows(
+        payloads,
+        override_rate_bound=runtime.settings.alert_override_rate,
+        psi_bound=runtime.settings.alert_drift_psi,
+    )
+    out = {"override_rate": trends["override_rate"], "auroc": trends["auroc"]}
+    for entry in metrics:
+        before = next((m for m in previous if m["model_ref"] == entry["model_ref"]), None)
+        per_model = charts.charts_for_metrics(entry, before=before, labels=("previous window", "this window"))
+        for name in ("calibration", "time_to_first_read", "override_reasons"):
+            out[f"{name} {entry['model_ref']}"] = per_model[name]
+    return metrics, out
+
+
+@router.get("/web/audit/monitoring", response_class=HTMLResponse)
+def monitoring_page(
+    request: Request, runtime: RuntimeDep, user: CurrentUser, days: Annotated[int, Query(ge=1, le=365)] = 30
+) -> HTMLResponse:
+    """Model monitoring: override rate over time, AUROC, calibration, time to first read."""
+    _need(user, Role.AUDITOR)
+    until = datetime.now(UTC)
+    window = monitoring.Window(until - timedelta(days=days), until)
+    with transaction(runtime.factory) as session:
+        metrics, svgs = _charts(session, user, runtime, window)
+        by_day = desk.override_rate_by_day(session, principal=user.principal, days=min(days, 30), now=until)
+    return _page(
+        request,
+        "monitoring.html",
+        user,
+        metrics=metrics,
+        by_day=by_day,
+        days=days,
+        charts=svgs,
+        psi_bound=runtime.settings.alert_drift_psi,
+    )
+
+
+@router.get("/web/admin", response_class=HTMLResponse)
+def admin_page(request: Request, runtime: RuntimeDep, user: CurrentUser) -> HTMLResponse:
+    """Admins manage users and keys through the CLI and API; this page says so."""
+    _need(user, Role.ADMIN)
+    with runtime.reads() as session:
+        users = list(session.execute(select(User).order_by(User.name)).scalars())
+        open_appeals = list(session.execute(select(Appeal).where(Appeal.status == "open")).scalars())
+    return _page(request, "admin.html", user, users=users, open_appeals=open_appeals)
+
+
+# --- wiring ----------------------------------------------------------------------------------
+
+
+def _wants_html(request: Request) -> bool:
+    path = request.url.path
+    return (
+        (path == "/" or path.startswith(("/web/", "/login", "/logout")))
+        and not path.startswith("/web/api/")
+        and "x-csrf-token" not in request.headers
+    )
+
+
+async def _delegate(result: Response | Awaitable[Response]) -> Response:
+    return await result if inspect.isawaitable(result) else result
+
+
+def install(app: FastAPI) -> None:
+    """Add the pages, their static files, and HTML error pages for browser routes."""
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    json_domain = app.exception_handlers[TriageError]
+    json_http = app.exception_handlers[StarletteHTTPException]
+
+    async def domain(request: Request, exc: Exception) -> Response:
+        if not isinstance(exc, TriageError) or not _wants_html(request):
+            return await _delegate(json_domain(request, exc))
+        if isinstance(exc, NotAuthenticated) and request.method == "GET":
+            return _back("/login")
+        user = _maybe_user(request)
+        response = templates.TemplateResponse(
+            request,
+            "error.html",
+            {
+                "user": user,
+                "home": HOME.get(user.principal.role, "/") if user else "/",
+                "status": exc.status,
+                "code": exc.code,
+                "message": exc.message,
+            },
+            status_code=exc.status,
+        )
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            response.headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
+        return response
+
+    async def http(request: Request, exc: Exception) -> Response:
+        if not isinstance(exc, StarletteHTTPException) or not _wants_html(request):
+            return await _delegate(json_http(request, exc))
+        return templates.TemplateResponse(
+            request,
+            "error.html",
+            {
+                "user": _maybe_user(request),
+                "home": "/",
+                "status": exc.status_code,
+                "code": "http_error",
+                "message": str(exc.detail),
+            },
+            status_code=exc.status_code,
+        )
+
+    json_validation = app.exception_handlers[RequestValidationError]
+
+    async def validation(request: Request, exc: Exception) -> Response:
+        if not isinstance(exc, RequestValidationError) or not _wants_html(request):
+            return await _delegate(json_validation(request, exc))
+        fields = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()
+        )
+        return await domain(request, InvalidRequest(fields))
+
+    app.add_exception_handler(RequestValidationError, validation)
+    app.add_exception_handler(TriageError, domain)
+    app.add_exception_handler(StarletteHTTPException, http)

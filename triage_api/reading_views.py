@@ -7,10 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from audit.log import EventCode, record
-from triage_api import reading
+from triage_api import imaging, reading
 from triage_api.auth import Principal, Role
-from triage_api.cases import unblinded_case
 from triage_api.db import transaction
 from triage_api.deps import Radiologist, Reader, RuntimeDep, allow
 from triage_api.ingest import blob_path
@@ -65,14 +63,6 @@ def reprioritise(
 def study_image(runtime: RuntimeDep, principal: Reader, case_id: str) -> Response:
     """The stored study bytes (DICOM, PNG or JPEG) for the viewer."""
     with transaction(runtime.factory) as session:
-        case = unblinded_case(session, principal, case_id)
-        record(
-            session,
-            actor=principal.actor,
-            action="case.image",
-            code=EventCode.ACCESS,
-            object_type="case",
-            object_id=case.id,
-        )
+        case = imaging.image_case(session, principal=principal, case_id=case_id)
         media_type, digest = case.media_type, case.sha256
     return Response(blob_path(runtime.settings.blob_dir, digest).read_bytes(), media_type=media_type)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -71,8 +73,12 @@ def worklist(
     unread: bool | None = None,
     limit: int = 100,
     offset: int = 0,
+    audit: bool = True,
 ) -> list[Case]:
-    """The caller's clinics' cases, earliest deadline first; the query is audited (110112)."""
+    """The caller's clinics' cases, earliest deadline first; the query is audited (110112).
+
+    With ``audit=False`` the caller records the query itself (see :func:`audit_worklist`).
+    """
     query = select(Case).where(Case.clinic_id.in_(principal.clinic_ids))
     if principal.role is Role.RADIOLOGIST:  # an appeal's second reader meets the case only blinded
         blinded = select(Appeal.case_id).where(
@@ -87,6 +93,14 @@ def worklist(
         query = query.where(Case.read_at.is_(None) if unread else Case.read_at.is_not(None))
     query = query.order_by(Case.deadline, Case.received_at, Case.id).limit(limit).offset(offset)
     cases = list(session.execute(query).scalars())
+    if audit:
+        filters = {"status": status, "tier": tier, "unread": unread, "limit": limit, "offset": offset}
+        audit_worklist(session, principal=principal, filters=filters, count=len(cases))
+    return cases
+
+
+def audit_worklist(session: Session, *, principal: Principal, filters: dict[str, Any], count: int) -> None:
+    """Record a worklist query (110112): who, which clinics, which filters, how many cases."""
     record(
         session,
         actor=principal.actor,
@@ -94,13 +108,5 @@ def worklist(
         code=EventCode.QUERY,
         object_type="worklist",
         object_id=",".join(str(c) for c in sorted(principal.clinic_ids))[:64],
-        details={
-            "status": status,
-            "tier": tier,
-            "unread": unread,
-            "limit": limit,
-            "offset": offset,
-            "count": len(cases),
-        },
+        details={**filters, "count": count},
     )
-    return cases

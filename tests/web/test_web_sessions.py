@@ -236,3 +236,29 @@ def test_heatmap_route_follows_the_image_rules(
     assert client.get(f"/v1/studies/{case_id}/heatmap", headers=bearer(second)).status_code == 403
     with client.app.state.runtime.reads() as session:  # type: ignore[attr-defined]
         assert session.get_one(Case, case_id).risk is not None
+
+
+def test_worklist_polls_are_audited_when_what_they_show_changes(  # type: ignore[no-untyped-def]
+    client: TestClient, factory, make_key: MakeKey
+) -> None:
+    uploader = make_key("uploader", "north")
+    first = upload(client, uploader, (DATA / "cxr_normal.jpeg").read_bytes(), "a.jpeg").json()["id"]
+    assert wait_for(client, uploader, first)["status"] == "scored"
+    add_user(factory, "dr")
+    assert login(client, "dr").status_code == 303
+
+    def poll_events() -> int:
+        with factory() as session:
+            query = select(func.count()).where(AuditEvent.action == "worklist.query")
+            return int(session.execute(query.select_from(AuditEvent)).scalar_one())
+
+    before = poll_events()
+    for _ in range(3):  # the same list three times: one event
+        assert [i["id"] for i in client.get("/web/api/worklist").json()["items"]] == [first]
+    assert poll_events() == before + 1
+    second = upload(client, uploader, (DATA / "cr_chest_pa_monochrome1_siim.dcm").read_bytes()).json()["id"]
+    assert wait_for(client, uploader, second)["status"] == "scored"
+    shown = {i["id"] for i in client.get("/web/api/worklist").json()["items"]}
+    assert shown == {first, second} and poll_events() == before + 2  # a new case: a new event
+    assert {i["id"] for i in client.get("/web/api/worklist?tier=critical").json()["items"]} <= shown
+    assert poll_events() == before + 3  # another filter is another view

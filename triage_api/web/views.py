@@ -8,8 +8,11 @@ token, as a ``csrf_token`` form field or an ``X-CSRF-Token`` header.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import secrets
+import threading
+import time
 from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -86,11 +89,44 @@ class CsrfRefused(TriageError):
     status, code = 403, "csrf_refused"
 
 
+REAUDIT_SECONDS = 300.0
+"""A worklist poll that shows the same cases again within this time writes no new event."""
+
+
+class PollAudit:
+    """Which worklist views each user was shown lately, and when that was audited.
+
+    The page polls every few seconds; an audit event per poll would bury the log (about
+    1,200 events an hour per open worklist). A poll is audited (110112) when what it shows
+    changed (a case came, went or changed status), and at least every ``seconds`` anyway.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._seen: dict[tuple[Any, ...], tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def due(self, key: tuple[Any, ...], shown: str) -> bool:
+        """Whether showing ``shown`` (a digest of the rows) under ``key`` needs an audit event."""
+        with self._lock:
+            last = self._seen.get(key)
+        return last is None or last[0] != shown or time.monotonic() - last[1] >= self.seconds
+
+    def audited(self, key: tuple[Any, ...], shown: str) -> None:
+        """Note that the event for ``shown`` committed."""
+        now = time.monotonic()
+        with self._lock:
+            if len(self._seen) > 10_000:
+                self._seen = {k: v for k, v in self._seen.items() if now - v[1] < self.seconds}
+            self._seen[key] = (shown, now)
+
+
 class WebState:
-    """Per-process web state: the login throttle."""
+    """Per-process web state: the login throttle and the worklist polls' audit memory."""
 
     def __init__(self, failures: int, window_minutes: float) -> None:
         self.throttle = LoginThrottle(failures, window_minutes * 60)
+        self.polls = PollAudit(REAUDIT_SECONDS)
 
 
 def _state(request: Request) -> WebState:
@@ -283,6 +319,7 @@ def worklist_page(request: Request, runtime: RuntimeDep, user: CurrentUser) -> H
 
 @router.get("/web/api/worklist")
 def worklist_json(
+    request: Request,
     runtime: RuntimeDep,
     user: CurrentUser,
     clinic: int | None = None,
@@ -298,9 +335,9 @@ def worklist_json(
         if clinic not in principal.clinic_ids:
             raise InvalidRequest("not one of your clinics")
         principal = Principal(principal.user_id, principal.role, frozenset({clinic}))
-    with transaction(runtime.factory) as session:
+    with runtime.reads() as session:
         rows = cases.worklist(
-            session, principal=principal, status=status, tier=tier, unread=unread, limit=limit
+            session, principal=principal, status=status, tier=tier, unread=unread, limit=limit, audit=False
         )
         clinics = _names(session, Clinic, {c.clinic_id for c in rows})
         readers = _names(session, User, {c.claimed_by for c in rows if c.claimed_by is not None})
@@ -319,6 +356,14 @@ def worklist_json(
             }
             for c in rows
         ]
+    shown = hashlib.sha256("".join(f"{c.id}:{c.status}:{c.tier}," for c in rows).encode()).hexdigest()
+    key = (principal.user_id, principal.clinic_ids, tier, status, unread, limit)
+    polls = _state(request).polls
+    if polls.due(key, shown):
+        filters = {"status": status, "tier": tier, "unread": unread, "limit": limit, "offset": 0}
+        with transaction(runtime.factory) as session:
+            cases.audit_worklist(session, principal=principal, filters=filters, count=len(rows))
+        polls.audited(key, shown)
     return {"now": datetime.now(UTC).isoformat(), "items": items}
 
 

@@ -33,9 +33,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -45,6 +47,7 @@ from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, RLELossless, generate_uid
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -157,36 +160,48 @@ def end_to_end(args: argparse.Namespace, files: list[bytes]) -> float:
             engine.dispose()
 
 
+@contextmanager
+def queued_worker(
+    args: argparse.Namespace, files: list[bytes], **settings_fields: Any
+) -> Iterator[tuple[Worker, sessionmaker[Session]]]:
+    """A worker over a fresh SQLite database in which ``files`` are accepted and queued."""
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(
+            data_dir=Path(tmp),
+            device=args.device,
+            upload_burst=10 * len(files),
+            **({"model_path": args.model} if args.model else {}),
+            **settings_fields,
+        )
+        engine = make_engine(settings.sqlalchemy_url)
+        migrate(engine)
+        factory = make_sessionmaker(engine)
+        read_engine = make_engine(settings.sqlalchemy_url, read_only=True)
+        reads = make_sessionmaker(read_engine)
+        with transaction(factory) as session:
+            _, key = auth.add_user(session, name="b", role=auth.Role.UPLOADER, clinics=["b"])
+            principal = auth.authenticate(session, key)
+        for data in files:
+            accept_study(
+                factory,
+                reads=reads,
+                principal=principal,
+                data=data,
+                settings=settings,
+                pseudonym_key=b"k" * 32,
+            )
+        bundle = load_bundle(settings.model_path, settings.device, compile=args.compile)
+        try:
+            yield Worker(factory, settings, bundle), reads
+        finally:
+            read_engine.dispose()
+            engine.dispose()
+
+
 def batching(args: argparse.Namespace, files: list[bytes]) -> dict[str, dict[str, float]]:
     results = {}
     for batch in (1, args.batch):
-        with tempfile.TemporaryDirectory() as tmp:
-            settings = Settings(
-                data_dir=Path(tmp),
-                device=args.device,
-                batch_size=batch,
-                upload_burst=10 * len(files),
-                **({"model_path": args.model} if args.model else {}),
-            )
-            engine = make_engine(settings.sqlalchemy_url)
-            migrate(engine)
-            factory = make_sessionmaker(engine)
-            reads = make_sessionmaker(make_engine(settings.sqlalchemy_url, read_only=True))
-            with transaction(factory) as session:
-                _, key = auth.add_user(session, name="b", role=auth.Role.UPLOADER, clinics=["b"])
-                principal = auth.authenticate(session, key)
-            for data in files:
-                accept_study(
-                    factory,
-                    reads=reads,
-                    principal=principal,
-                    data=data,
-                    settings=settings,
-                    pseudonym_key=b"k" * 32,
-                )
-            worker = Worker(
-                factory, settings, load_bundle(settings.model_path, settings.device, compile=args.compile)
-            )
+        with queued_worker(args, files, batch_size=batch) as (worker, _):
             latencies = []
             start = time.perf_counter()
             while True:
@@ -197,7 +212,6 @@ def batching(args: argparse.Namespace, files: list[bytes]) -> dict[str, dict[str
                 worker.finish(claims, worker.score(claims))
                 latencies.append(time.perf_counter() - t0)
             elapsed = time.perf_counter() - start
-            engine.dispose()
         q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
         results[f"batch_{batch}"] = {
             "studies_per_s": len(files) / elapsed,
@@ -301,34 +315,7 @@ def unique_copies(corpus: dict[str, Path], count: int) -> list[bytes]:
 
 def pipeline(args: argparse.Namespace, files: list[bytes], workers: int) -> float:
     """Studies/s of one worker scoring ``files``, decoding in ``workers`` processes (0: in its thread)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(
-            data_dir=Path(tmp),
-            device=args.device,
-            batch_size=args.batch,
-            poll_seconds=0.01,
-            upload_burst=10 * len(files),
-            **({"model_path": args.model} if args.model else {}),
-        )
-        engine = make_engine(settings.sqlalchemy_url)
-        migrate(engine)
-        factory = make_sessionmaker(engine)
-        reads = make_sessionmaker(make_engine(settings.sqlalchemy_url, read_only=True))
-        with transaction(factory) as session:
-            _, key = auth.add_user(session, name="b", role=auth.Role.UPLOADER, clinics=["b"])
-            principal = auth.authenticate(session, key)
-        for data in files:
-            accept_study(
-                factory,
-                reads=reads,
-                principal=principal,
-                data=data,
-                settings=settings,
-                pseudonym_key=b"k" * 32,
-            )
-        worker = Worker(
-            factory, settings, load_bundle(settings.model_path, settings.device, compile=args.compile)
-        )
+    with queued_worker(args, files, batch_size=args.batch, poll_seconds=0.01) as (worker, reads):
         pool = DecodePool(workers, timeout=600) if workers else None
         if pool is not None:
             worker.pool = pool  # started before the clock: a pool is made once per worker process
@@ -352,7 +339,6 @@ def pipeline(args: argparse.Namespace, files: list[bytes], workers: int) -> floa
             thread.join(timeout=120)
             if pool is not None:
                 pool.close()
-            engine.dispose()
     return len(files) / elapsed
 
 

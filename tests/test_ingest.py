@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from tests.conftest import DATA, MakeKey, bearer, shared_data, upload, wait_for
 from triage_api.app import create_app
 from triage_api.errors import InvalidStudy
-from triage_api.ingest import validate
+from triage_api.ingest import age_band, validate
 from triage_api.settings import Settings
 from triage_api.tables import Case, Job
 
@@ -265,3 +265,45 @@ def test_one_clinics_burst_is_rate_limited_and_others_are_not(settings: Settings
         assert refused.json()["error"]["code"] == "rate_limited" and int(refused.headers["Retry-After"]) >= 1
         assert upload(client, south, png_bytes(np.full((8, 8), 1, np.uint8)), "p.png").status_code == 201
         assert count_cases(client) == 4
+
+
+@pytest.mark.parametrize(
+    ("age", "born", "seen", "band"),
+    [
+        ("004Y", None, None, "1–5 y"),
+        ("011M", None, None, "<1 y"),
+        ("012M", None, None, "1–5 y"),
+        ("006Y", None, None, "6–17 y"),
+        ("017Y", None, None, "6–17 y"),
+        ("018Y", None, None, "18–64 y"),
+        ("089Y", None, None, "65–89 y"),
+        ("090Y", None, None, "90+ y"),
+        ("003W", None, None, "<1 y"),
+        (None, "20200301", "20240229", "1–5 y"),
+        (None, "20200301", "20260228", "1–5 y"),  # the day before the sixth birthday
+        (None, "20200301", "20260301", "6–17 y"),
+        ("4 years", "20200301", "20240229", "1–5 y"),  # malformed age: the dates decide
+        (None, "2020-03-01", "20240229", None),
+        (None, "20240301", "20200301", None),  # born after the study
+        (None, None, "20240229", None),
+    ],
+)
+def test_age_band_is_coarse_and_never_refuses(
+    age: str | None, born: str | None, seen: str | None, band: str | None
+) -> None:
+    assert age_band(age, born, seen) == band
+
+
+def test_view_and_age_band_are_kept_but_not_the_age(client: TestClient, make_key: MakeKey) -> None:
+    ds = pydicom.dcmread(DATA / "cr_chest_pa_monochrome1_siim.dcm")
+    ds.PatientAge, ds.PatientBirthDate, ds.StudyDate, ds.ViewPosition = "004Y", "20190613", "20230701", "PA"
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    key = make_key("uploader", "north")
+    case_id = upload(client, key, out.getvalue()).json()["id"]
+    body = client.get(f"/v1/studies/{case_id}", headers=bearer(key)).json()
+    assert body["view_position"] == "PA" and body["age_band"] == "1–5 y"
+    with client.app.state.runtime.factory() as session:
+        row = session.get_one(Case, case_id)
+        stored = " ".join(str(getattr(row, column.key)) for column in Case.__table__.columns)
+    assert "004Y" not in stored and "20190613" not in stored and "2019" not in stored

@@ -14,6 +14,7 @@ import hmac
 import io
 import logging
 import os
+import re
 import struct
 import uuid
 import warnings
@@ -49,6 +50,8 @@ class StudyFacts:
     media_type: str
     modality: str | None = None
     body_part: str | None = None
+    view_position: str | None = None
+    age_band: str | None = None
     patient_id: str | None = None
     accession_number: str | None = None
     study_uid: str | None = None
@@ -118,6 +121,36 @@ def _header_int(ds: pydicom.Dataset, keyword: str, default: int | None = None) -
     return number
 
 
+AGE_BANDS = ((1, "<1 y"), (6, "1–5 y"), (18, "6–17 y"), (65, "18–64 y"), (90, "65–89 y"))
+"""Upper bounds (years, exclusive) of the coarse bands kept on a case; 90 and over is one band
+(HIPAA Safe Harbor), and neither an exact age nor a date of birth is ever stored."""
+
+_AGE = re.compile(r"^(\d{3})([DWMY])$")
+_YEARS_PER = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+
+
+def age_band(patient_age: str | None, birth_date: str | None, study_date: str | None) -> str | None:
+    """The coarse age band of a study from PatientAge (``nnnD|W|M|Y``), else from the dates.
+
+    Anything malformed gives None: an age band is for the reader, never a reason to refuse.
+    """
+    years: float
+    if patient_age and (found := _AGE.match(patient_age.strip())):
+        years = int(found.group(1)) * _YEARS_PER[found.group(2)]
+    elif birth_date and study_date:
+        try:
+            born = datetime.strptime(birth_date.strip()[:8], "%Y%m%d")
+            seen = datetime.strptime(study_date.strip()[:8], "%Y%m%d")
+        except ValueError:
+            return None
+        if seen < born:
+            return None
+        years = seen.year - born.year - ((seen.month, seen.day) < (born.month, born.day))
+    else:
+        return None
+    return next((band for upper, band in AGE_BANDS if years < upper), "90+ y")
+
+
 def check_dicom(data: bytes, budget: int) -> StudyFacts:
     """Header checks and the pixel budget for a DICOM upload.
 
@@ -144,6 +177,8 @@ def check_dicom(data: bytes, budget: int) -> StudyFacts:
         media_type=DICOM,
         modality=text("Modality", 16),
         body_part=text("BodyPartExamined"),
+        view_position=text("ViewPosition", 16),
+        age_band=age_band(text("PatientAge"), text("PatientBirthDate"), text("StudyDate")),
         patient_id=text("PatientID"),
         accession_number=text("AccessionNumber"),
         study_uid=text("StudyInstanceUID"),
@@ -258,6 +293,8 @@ def accept_study(
         tier="routine",
         modality=facts.modality,
         body_part=facts.body_part,
+        view_position=facts.view_position,
+        age_band=facts.age_band,
         patient_pseudonym=pseudonym(pseudonym_key, facts.patient_id),
         accession_number=facts.accession_number,
         study_uid=facts.study_uid,

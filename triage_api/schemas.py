@@ -46,6 +46,8 @@ class CaseRead(WorklistItem):
     media_type: str
     modality: str | None
     body_part: str | None
+    view_position: str | None
+    age_band: str | None
     received_at: datetime
     prediction: PredictionRead | None
     read: ReadOut | None
@@ -201,6 +203,8 @@ def case_read(case: Case, prediction: Prediction | None, read: Read | None) -> C
         media_type=case.media_type,
         modality=case.modality,
         body_part=case.body_part,
+        view_position=case.view_position,
+        age_band=case.age_band,
         received_at=case.received_at,
         prediction=PredictionRead.model_validate(prediction, from_attributes=True) if prediction else None,
         read=ReadOut.model_validate(read, from_attributes=True) if read else None,

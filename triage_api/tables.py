@@ -131,6 +131,9 @@ class Case(Base):
     model_ref: Mapped[str | None] = mapped_column(String(100), nullable=True)
     modality: Mapped[str | None] = mapped_column(String(16), nullable=True)
     body_part: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    view_position: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    age_band: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    """Coarse band (``ingest.AGE_BANDS``); no exact age or date of birth is stored."""
     patient_pseudonym: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     accession_number: Mapped[str | None] = mapped_column(String(64), nullable=True)
     study_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)

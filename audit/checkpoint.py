@@ -14,6 +14,7 @@ import logging
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -99,6 +100,40 @@ def _head(session: Session) -> tuple[int, str] | None:
         select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
     ).first()
     return None if row is None else (row[0], row[1])
+
+
+def tail_status(session: Session) -> dict[str, Any]:
+    """A cheap live check for health: do the events since the newest checkpoint verify?
+
+    Walks only the unsigned tail (at most the checkpoint interval's events) from the signed
+    head, and checks that the signed head row still carries the signed hash. The full walk
+    with signatures is ``triage audit verify``.
+
+    Returns:
+        ``{"ok", "head_seq", "signed_seq", "signed_at", "unsigned", "broken_at"}``.
+    """
+    head = _head(session)
+    last = latest_checkpoint(session)
+    signed_seq = last.head_seq if last is not None else 0
+    after = (0, GENESIS_HASH)
+    broken_at: int | None = None
+    if last is not None:
+        signed_row = session.get(AuditEvent, last.head_seq)
+        if signed_row is None or signed_row.hash != last.head_hash:
+            broken_at = last.head_seq
+        else:  # walk from the signed row itself, so an edit of its content shows too
+            after = (last.head_seq - 1, signed_row.prev_hash)
+    if broken_at is None and (found := find_break(session, after=after)) is not None:
+        broken_at = found.seq
+    head_seq = head[0] if head is not None else 0
+    return {
+        "ok": broken_at is None,
+        "head_seq": head_seq,
+        "signed_seq": signed_seq,
+        "signed_at": last.at if last is not None else None,
+        "unsigned": head_seq - signed_seq,
+        "broken_at": broken_at,
+    }
 
 
 def is_due(session: Session, *, every_events: int, every_seconds: float, now: datetime | None = None) -> bool:

@@ -110,3 +110,34 @@ def test_editing_a_row_breaks_the_chain_at_that_row(client: TestClient, make_key
     with transaction(client.app.state.runtime.factory) as session:
         session.get_one(AuditEvent, target).details = json.dumps({"edited": True})
     assert first_broken_in(client) == target
+
+
+def test_health_reports_a_tampered_tail_and_a_rewritten_signed_head(
+    client: TestClient, make_key: MakeKey
+) -> None:
+    from audit.checkpoint import write_checkpoint
+    from audit.keys import load_or_create_signing_key
+
+    runtime = client.app.state.runtime
+    operator = bearer(make_key("admin"))
+    key = make_key("uploader", "north")
+    upload(client, key, (DATA / "cr_chest_pa_jpeg_baseline_siim.dcm").read_bytes())
+    with transaction(runtime.factory) as session:
+        signed = write_checkpoint(session, load_or_create_signing_key(runtime.settings.audit_key_path))
+        assert signed is not None
+        signed_seq = signed.head_seq
+    upload(client, key, (DATA / "cr_chest_pa_monochrome1_siim.dcm").read_bytes())
+    audit = client.get("/v1/health", headers=operator).json()["audit"]
+    assert audit["ok"] and audit["signed_seq"] == signed_seq and audit["unsigned"] >= 1
+    assert "triage_audit_tail_ok 1" in client.get("/metrics", headers=operator).text
+
+    drop_guards(runtime.engine)
+    tail = signed_seq + 1
+    with transaction(runtime.factory) as session:
+        session.get_one(AuditEvent, tail).details = json.dumps({"edited": True})
+    health = client.get("/v1/health", headers=operator).json()
+    assert health["status"] == "degraded" and health["audit"]["broken_at"] == tail
+    assert "triage_audit_tail_ok 0" in client.get("/metrics", headers=operator).text
+    with transaction(runtime.factory) as session:
+        session.get_one(AuditEvent, signed_seq).details = json.dumps({"edited": True})
+    assert client.get("/v1/health", headers=operator).json()["audit"]["broken_at"] == signed_seq

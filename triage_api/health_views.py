@@ -15,6 +15,7 @@ from fastapi.responses import PlainTextResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from audit.checkpoint import tail_status
 from triage_api.auth import Principal, Role
 from triage_api.deps import RuntimeDep, allow
 from triage_api.tables import Case, Job, Prediction, WorkerBeat
@@ -71,10 +72,12 @@ def health(runtime: RuntimeDep, principal: Operator) -> dict[str, Any]:
         jobs = _counts(session, Job.status, JOB_STATUSES)
         workers = _fleet(session, now)
         oldest = session.execute(select(func.min(Job.available_at)).where(Job.status == "queued")).scalar()
+        audit = tail_status(session)
     alive = any(w["alive"] for w in workers)
     return {
-        "status": "ok" if alive or jobs["queued"] == 0 else "degraded",
+        "status": "ok" if (alive or jobs["queued"] == 0) and audit["ok"] else "degraded",
         "database": "ok",
+        "audit": audit,
         "jobs": jobs,
         "oldest_queued_seconds": (now - oldest).total_seconds() if oldest else None,
         "workers": workers,
@@ -90,7 +93,14 @@ def metrics(runtime: RuntimeDep, principal: Operator) -> str:
         cases = _counts(session, Case.status, CASE_STATUSES)
         workers = _fleet(session, now)
         waits = _time_to_score(session, now)
+        audit = tail_status(session)
     lines = [
+        "# HELP triage_audit_tail_ok 1 if the audit events since the last signed checkpoint verify.",
+        "# TYPE triage_audit_tail_ok gauge",
+        f"triage_audit_tail_ok {int(audit['ok'])}",
+        "# HELP triage_audit_unsigned_events Audit events not yet covered by a signed checkpoint.",
+        "# TYPE triage_audit_unsigned_events gauge",
+        f"triage_audit_unsigned_events {audit['unsigned']}",
         "# HELP triage_jobs Scoring jobs by status.",
         "# TYPE triage_jobs gauge",
         *(f'triage_jobs{{status="{s}"}} {n}' for s, n in jobs.items()),

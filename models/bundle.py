@@ -41,6 +41,9 @@ class IntendedUse(BaseModel):
     body_parts: tuple[str, ...] = ("CHEST",)
     modalities: tuple[str, ...] = ("CR", "DX")
     population: str = ""
+    age_bands: tuple[str, ...] = ()
+    """Age bands (``models.preprocess.AGE_BANDS``) the model is for; empty: any age. A study
+    whose header gives another band is not analysed; one with no usable age is."""
 
 
 class Thresholds(BaseModel):

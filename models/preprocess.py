@@ -9,7 +9,9 @@ function works on a single 2-D grey image in ``[0, 1]`` with the MONOCHROME2 con
 from __future__ import annotations
 
 import io
+import re
 import warnings
+from datetime import datetime
 from typing import Literal
 
 import numpy as np
@@ -185,3 +187,35 @@ def normalize(gray: np.ndarray, pre: Preprocessing) -> np.ndarray:
 def to_input(gray: np.ndarray, pre: Preprocessing) -> np.ndarray:
     """A ``[0, 1]`` grey image of any size -> ``(3, S, S)`` normalised model input."""
     return normalize(resize(gray, pre), pre)
+
+
+AGE_BANDS = ((1, "<1 y"), (6, "1–5 y"), (18, "6–17 y"), (65, "18–64 y"), (90, "65–89 y"))
+"""Upper bounds (years, exclusive) of the coarse age bands: kept on a case for the reader and
+matched against a card's intended population. 90 and over is one band (HIPAA Safe Harbor);
+neither an exact age nor a date of birth is ever stored."""
+
+_AGE = re.compile(r"^(\d{1,3})([DWMY]?)$")
+_YEARS_PER = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+
+
+def age_band(patient_age: str | None, birth_date: str | None, study_date: str | None) -> str | None:
+    """The coarse age band of a study from PatientAge (``nnnD|W|M|Y``), else from the dates.
+
+    A bare number is read as years (``"62"``: common in headers that bend the standard).
+    Anything malformed gives None: an unknown age never refuses an upload.
+    """
+    years: float
+    if patient_age and (found := _AGE.match(patient_age.strip())):
+        years = int(found.group(1)) * _YEARS_PER[found.group(2) or "Y"]
+    elif birth_date and study_date:
+        try:
+            born = datetime.strptime(birth_date.strip()[:8], "%Y%m%d")
+            seen = datetime.strptime(study_date.strip()[:8], "%Y%m%d")
+        except ValueError:
+            return None
+        if seen < born:
+            return None
+        years = seen.year - born.year - ((seen.month, seen.day) < (born.month, born.day))
+    else:
+        return None
+    return next((band for upper, band in AGE_BANDS if years < upper), "90+ y")

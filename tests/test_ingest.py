@@ -17,10 +17,11 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from sqlalchemy import func, select
 
+from models.preprocess import age_band
 from tests.conftest import DATA, MakeKey, bearer, shared_data, upload, wait_for
 from triage_api.app import create_app
 from triage_api.errors import InvalidStudy
-from triage_api.ingest import age_band, validate
+from triage_api.ingest import validate
 from triage_api.settings import Settings
 from triage_api.tables import Case, Job
 
@@ -279,6 +280,7 @@ def test_one_clinics_burst_is_rate_limited_and_others_are_not(settings: Settings
         ("089Y", None, None, "65–89 y"),
         ("090Y", None, None, "90+ y"),
         ("003W", None, None, "<1 y"),
+        ("62", None, "19010101", "18–64 y"),  # a bare number: years
         (None, "20200301", "20240229", "1–5 y"),
         (None, "20200301", "20260228", "1–5 y"),  # the day before the sixth birthday
         (None, "20200301", "20260301", "6–17 y"),

@@ -463,3 +463,39 @@ def test_a_pool_process_killed_while_idle_is_replaced() -> None:
         assert pool.pids != [victim]
     assert result.status == "ok" and result.pixels is not None
     assert np.array_equal(result.pixels, expected.pixels)
+
+
+@pytest.mark.parametrize(
+    ("age", "status", "reason"),
+    [
+        ("004Y", "ok", None),
+        ("030Y", "not_analyzed", "age band 18–64 y is outside the model's intended population (1–5 y)"),
+        ("62", "not_analyzed", "age band 18–64 y is outside the model's intended population (1–5 y)"),
+        (None, "ok", None),  # no usable age: analysed, and the reader sees "not recorded"
+    ],
+)
+def test_a_card_with_an_age_population_gates_on_the_header_age(
+    tmp_path: Path, age: str | None, status: str, reason: str | None
+) -> None:
+    ds = pydicom.dcmread(DATA / "cr_chest_pa_monochrome1_siim.dcm")
+    for keyword in ("PatientAge", "PatientBirthDate"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    if age is not None:
+        ds.PatientAge = age
+    path = tmp_path / "study.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    gate = Gate(Preprocessing(input_size=64), ("CR", "DX"), ("CHEST",), ("1–5 y",))
+    decoded = decode_study(DecodeTask(str(path), True, gate))
+    assert (decoded.status, decoded.reason) == (status, reason)
+    assert (
+        decode_study(DecodeTask(str(path), True, Gate(gate.preprocessing, ("CR",), ("CHEST",)))).status
+        == "ok"
+    )
+
+
+def test_the_default_card_is_for_children_aged_1_to_5() -> None:
+    from models.bundle import read_card
+
+    card = read_card(Path(__file__).parents[1] / "models" / "bundles" / "cxr-pneumonia-lite0")
+    assert Gate.of(card).age_bands == ("1–5 y",)

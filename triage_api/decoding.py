@@ -26,10 +26,12 @@ from types import TracebackType
 from typing import Literal, Protocol
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from models.preprocess import (
     DecodeError,
     Preprocessing,
+    age_band,
     decode_dicom,
     gray_from_dicom,
     gray_from_image,
@@ -50,6 +52,8 @@ class _Use(Protocol):
     def modalities(self) -> tuple[str, ...]: ...
     @property
     def body_parts(self) -> tuple[str, ...]: ...
+    @property
+    def age_bands(self) -> tuple[str, ...]: ...
 
 
 class _Card(Protocol):
@@ -66,12 +70,13 @@ class Gate:
     preprocessing: Preprocessing
     modalities: tuple[str, ...]
     body_parts: tuple[str, ...]
+    age_bands: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, card: _Card) -> Gate:
         """The gate of a :class:`models.bundle.ModelCard`."""
         use = card.intended_use
-        return cls(card.preprocessing, tuple(use.modalities), tuple(use.body_parts))
+        return cls(card.preprocessing, tuple(use.modalities), tuple(use.body_parts), tuple(use.age_bands))
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,11 @@ class Decoded:
 
 
 DecodeFn = Callable[[DecodeTask], Decoded]
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    return str(value).strip() or None if value is not None else None
 
 
 def model_input(data: bytes, dicom: bool, gate: Gate) -> np.ndarray:
@@ -121,6 +131,11 @@ def model_input(data: bytes, dicom: bool, gate: Gate) -> np.ndarray:
     body_part = str(ds.get("BodyPartExamined", "")).strip().upper()
     if body_part not in gate.body_parts:
         raise NotForModel(f"body part {body_part or 'missing'} is outside the model's intended use")
+    if gate.age_bands:
+        band = age_band(*(_text(ds, k) for k in ("PatientAge", "PatientBirthDate", "StudyDate")))
+        if band is not None and band not in gate.age_bands:
+            allowed = ", ".join(gate.age_bands)
+            raise NotForModel(f"age band {band} is outside the model's intended population ({allowed})")
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise NotForModel("multi-frame image; the model reads single radiographs")
     if int(ds.get("SamplesPerPixel", 1)) != 1:

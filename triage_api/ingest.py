@@ -14,7 +14,6 @@ import hmac
 import io
 import logging
 import os
-import re
 import struct
 import uuid
 import warnings
@@ -30,6 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from audit.log import EventCode, record
+from models.preprocess import age_band
 from triage_api.auth import Principal
 from triage_api.errors import InvalidStudy, NotPermitted, UnsupportedMediaType
 from triage_api.settings import Settings
@@ -119,36 +119,6 @@ def _header_int(ds: pydicom.Dataset, keyword: str, default: int | None = None) -
     if number < 0:
         raise InvalidStudy(f"DICOM header has a negative {keyword}")
     return number
-
-
-AGE_BANDS = ((1, "<1 y"), (6, "1–5 y"), (18, "6–17 y"), (65, "18–64 y"), (90, "65–89 y"))
-"""Upper bounds (years, exclusive) of the coarse bands kept on a case; 90 and over is one band
-(HIPAA Safe Harbor), and neither an exact age nor a date of birth is ever stored."""
-
-_AGE = re.compile(r"^(\d{3})([DWMY])$")
-_YEARS_PER = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
-
-
-def age_band(patient_age: str | None, birth_date: str | None, study_date: str | None) -> str | None:
-    """The coarse age band of a study from PatientAge (``nnnD|W|M|Y``), else from the dates.
-
-    Anything malformed gives None: an age band is for the reader, never a reason to refuse.
-    """
-    years: float
-    if patient_age and (found := _AGE.match(patient_age.strip())):
-        years = int(found.group(1)) * _YEARS_PER[found.group(2)]
-    elif birth_date and study_date:
-        try:
-            born = datetime.strptime(birth_date.strip()[:8], "%Y%m%d")
-            seen = datetime.strptime(study_date.strip()[:8], "%Y%m%d")
-        except ValueError:
-            return None
-        if seen < born:
-            return None
-        years = seen.year - born.year - ((seen.month, seen.day) < (born.month, born.day))
-    else:
-        return None
-    return next((band for upper, band in AGE_BANDS if years < upper), "90+ y")
 
 
 def check_dicom(data: bytes, budget: int) -> StudyFacts:

@@ -57,7 +57,16 @@ def test_full_appeal_with_a_blinded_independent_second_read(client: TestClient, 
     # case route and worklist do not show it to them.
     view = client.get(f"/v1/appeals/{appeal['id']}/case", headers=second)
     assert view.status_code == 200
-    assert set(view.json()) == {"appeal_id", "case_id", "media_type", "modality", "body_part", "received_at"}
+    assert set(view.json()) == {
+        "appeal_id",
+        "case_id",
+        "media_type",
+        "modality",
+        "body_part",
+        "view_position",
+        "age_band",
+        "received_at",
+    }
     assert client.get(f"/v1/studies/{case_id}", headers=second).status_code == 403
     assert client.get(f"/v1/studies/{case_id}/image", headers=second).status_code == 403
     assert case_id not in [i["id"] for i in client.get("/v1/worklist", headers=second).json()]

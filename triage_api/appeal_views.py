@@ -87,6 +87,8 @@ def blinded_case(runtime: RuntimeDep, principal: Radiologist, appeal_id: int) ->
             media_type=case.media_type,
             modality=case.modality,
             body_part=case.body_part,
+            view_position=case.view_position,
+            age_band=case.age_band,
             received_at=case.received_at,
         )
 

@@ -178,6 +178,8 @@ class BlindedCase(BaseModel):
     media_type: str
     modality: str | None
     body_part: str | None
+    view_position: str | None
+    age_band: str | None
     received_at: datetime
 
 

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from models.bundle import Bundle, Thresholds
 from models.calibrate import calibrated_scores
+from models.metrics import bootstrap_aurocs
 from models.preprocess import Preprocessing, gray_from_dicom, to_input
 from models.train import Sample, load_gray
 
@@ -56,12 +57,7 @@ def auroc_ci(
     if len(np.unique(labels)) != 2:
         raise ValueError("AUROC needs both classes")
     point = float(roc_auc_score(labels, scores))
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n_boot):
-        index = rng.integers(0, len(labels), len(labels))
-        if labels[index].min() != labels[index].max():
-            boots.append(roc_auc_score(labels[index], scores[index]))
+    boots = bootstrap_aurocs(labels, scores, n_boot, seed)
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(boots, [tail, 1.0 - tail])
     return point, float(low), float(high)

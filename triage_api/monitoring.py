@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from audit.log import EventCode, Outcome, record
 from models.bundle import BundleError, read_card
 from models.calibrate import RISK_BIN_EDGES
+from models.metrics import bootstrap_aurocs
 from triage_api.auth import Principal, Role
 from triage_api.errors import NotFound
 from triage_api.settings import Settings
@@ -48,13 +49,7 @@ def bootstrap_ci(
     scores: np.ndarray, labels: np.ndarray, rounds: int = 1000, seed: int = 0
 ) -> tuple[float, float] | None:
     """95% percentile bootstrap interval of the AUROC (resampling cases)."""
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(rounds):
-        pick = rng.integers(0, len(scores), len(scores))
-        value = auroc(scores[pick], labels[pick])
-        if value is not None:
-            values.append(value)
+    values = bootstrap_aurocs(labels, scores, rounds, seed)
     if len(values) < rounds // 2:
         return None
     low, high = np.percentile(values, [2.5, 97.5])

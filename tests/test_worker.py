@@ -216,22 +216,29 @@ def test_no_prediction_rows_are_duplicated(
         assert session.execute(select(func.count()).select_from(Prediction)).scalar_one() == 2
 
 
-def test_batched_scores_equal_one_at_a_time(
-    quiet_client: TestClient, manual: Settings, make_key: MakeKey
-) -> None:
-    client = quiet_client
+def claim_the_test_studies(
+    client: TestClient, manual: Settings, make_key: MakeKey
+) -> tuple[Worker, list[Claim]]:
+    """Queue the four studies of tests/data (three chest, one dog) and claim them in one batch."""
     key = make_key("uploader", "north")
-    names = [
+    for name in (
         "cr_chest_pa_jpeg_baseline_siim.dcm",
         "cr_chest_pa_monochrome1_siim.dcm",
         "cxr_normal.jpeg",
         "dx_thorax_dog_monochrome1.dcm",
-    ]
-    for name in names:
+    ):
         queue_study(client, key, name)
     worker = new_worker(client, manual)
     claims = worker.claim(limit=10)
     assert len(claims) == 4
+    return worker, claims
+
+
+def test_batched_scores_equal_one_at_a_time(
+    quiet_client: TestClient, manual: Settings, make_key: MakeKey
+) -> None:
+    client = quiet_client
+    worker, claims = claim_the_test_studies(client, manual, make_key)
     batched = worker.score(claims)
     single = [worker.score([claim])[0] for claim in claims]
     assert [r.status for r in batched] == ["scored", "scored", "scored", "not_analyzed"]
@@ -323,18 +330,7 @@ def test_pool_scores_equal_in_thread_scores(
     quiet_client: TestClient, manual: Settings, make_key: MakeKey
 ) -> None:
     client = quiet_client
-    key = make_key("uploader", "north")
-    names = [
-        "cr_chest_pa_jpeg_baseline_siim.dcm",
-        "cr_chest_pa_monochrome1_siim.dcm",
-        "cxr_normal.jpeg",
-        "dx_thorax_dog_monochrome1.dcm",
-    ]
-    for name in names:
-        queue_study(client, key, name)
-    worker = new_worker(client, manual)
-    claims = worker.claim(limit=10)
-    assert len(claims) == 4
+    worker, claims = claim_the_test_studies(client, manual, make_key)
     pool_scores_equal_in_thread_scores(worker, claims)
     statuses = {c.id: c.status for c in rows(client, Case)}
     assert sorted(statuses.values()) == ["not_analyzed", "scored", "scored", "scored"]

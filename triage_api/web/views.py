@@ -406,16 +406,17 @@ def case_page(request: Request, runtime: RuntimeDep, user: CurrentUser, case_id:
     )
 
 
+def _private_png(data: bytes) -> Response:
+    """A picture of a study: never kept by the browser or a proxy."""
+    return Response(data, media_type="image/png", headers={"Cache-Control": "private, no-store"})
+
+
 @router.get("/web/cases/{case_id}/image.png")
 def case_image(runtime: RuntimeDep, user: CurrentUser, case_id: str) -> Response:
     """The study as a grey PNG for the canvas viewer."""
     with transaction(runtime.factory) as session:
         case = imaging.image_case(session, principal=user.principal, case_id=case_id)
-    return Response(
-        imaging.case_png(case, runtime.settings),
-        media_type="image/png",
-        headers={"Cache-Control": "private, no-store"},
-    )
+    return _private_png(imaging.case_png(case, runtime.settings))
 
 
 @router.get("/web/cases/{case_id}/heatmap.png")
@@ -423,11 +424,7 @@ def case_heatmap(runtime: RuntimeDep, user: CurrentUser, case_id: str) -> Respon
     """The Grad-CAM overlay (same rules as ``GET /v1/studies/{id}/heatmap``)."""
     with transaction(runtime.factory) as session:
         case = imaging.heatmap_case(session, principal=user.principal, case_id=case_id)
-    return Response(
-        imaging.heatmap_png(case, runtime.settings),
-        media_type="image/png",
-        headers={"Cache-Control": "private, no-store"},
-    )
+    return _private_png(imaging.heatmap_png(case, runtime.settings))
 
 
 @router.post("/web/cases/{case_id}/claim")
@@ -528,11 +525,7 @@ def appeal_image(runtime: RuntimeDep, user: CurrentUser, appeal_id: int) -> Resp
     _need(user, Role.RADIOLOGIST)
     with transaction(runtime.factory) as session:
         _, case = appeals.blinded_view(session, principal=user.principal, appeal_id=appeal_id)
-    return Response(
-        imaging.case_png(case, runtime.settings),
-        media_type="image/png",
-        headers={"Cache-Control": "private, no-store"},
-    )
+    return _private_png(imaging.case_png(case, runtime.settings))
 
 
 @router.post("/web/appeals/{appeal_id}/decision")

@@ -149,13 +149,10 @@ def record(
         details: extra facts, JSON-serialisable, free of PHI.
 
     Returns:
-        The new event, flushed (its ``seq`` and ``hash`` are set).
+        The new event (its ``seq`` and ``hash`` are set); it is written with the
+        transaction's next flush.
     """
-    lock_writers(session)
-    head = session.execute(
-        select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
-    ).first()
-    seq, prev_hash = (head[0] + 1, head[1]) if head else (1, GENESIS_HASH)
+    seq, prev_hash = _next_link(session)
     row: dict[str, Any] = {
         "seq": seq,
         "at": datetime.now(UTC).isoformat(timespec="microseconds"),
@@ -170,8 +167,29 @@ def record(
     }
     event = AuditEvent(**row, hash=chain_hash(prev_hash, row))
     session.add(event)
-    session.flush()
+    session.info[_HEAD] = (session.get_transaction(), seq, event.hash)
     return event
+
+
+_HEAD = "audit_head"
+"""``session.info`` key: ``(transaction, seq, hash)`` of the last event this transaction appended."""
+
+
+def _next_link(session: Session) -> tuple[int, str]:
+    """``(seq, prev_hash)`` for the next event of the session's transaction.
+
+    The first event of a transaction takes the writers' lock and reads the head; later
+    events of the same transaction continue from the one before (the lock is still held,
+    so no one else can have appended).
+    """
+    cached = session.info.get(_HEAD)
+    if cached is not None and cached[0] is not None and cached[0] is session.get_transaction():
+        return cached[1] + 1, cached[2]
+    lock_writers(session)
+    head = session.execute(
+        select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
+    ).first()
+    return (head[0] + 1, head[1]) if head else (1, GENESIS_HASH)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,9 @@
     .venv/bin/python bench/serving.py [--studies 256] [--clients 8] [--batch 16] [--device cpu]
                                       [--decode-workers N] [--skip-http]
 
+0. Rewrite gain = forward images/s of the network as served (models.inference: batch
+   norms folded, padding inside the convolutions) / as trained, in alternating slices.
+   Every other ratio uses the network as served as its baseline.
 1. Serving efficiency = end-to-end studies/s (HTTP upload of 224x224 DICOMs by N clients
    -> prediction committed, `triage serve --workers 0` + one `triage worker`, SQLite)
    / raw batched forward images/s of the same model on the same device, same run.
@@ -78,6 +81,27 @@ def forward_rate(bundle, batch: int, seconds: float = 5.0) -> float:  # type: ig
         bundle.predict(inputs)
         done += batch
     return done / (time.perf_counter() - start)
+
+
+def rewrite_gain(args: argparse.Namespace, bundle, seconds: float = 12.0) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Forward images/s of the network as served (batch norms folded, padding inside the
+    convolutions) / as trained, in alternating slices, and how far their scores differ."""
+    plain = load_bundle(Path(args.model) if args.model else Settings().model_path, args.device, rewrite=False)
+    size = bundle.card.preprocessing.input_size
+    inputs = np.random.default_rng(1).standard_normal((args.batch, 3, size, size)).astype(np.float32)
+    rates = interleaved(
+        {
+            "as_trained": lambda: len(plain.predict(inputs)),
+            "served": lambda: len(bundle.predict(inputs)),
+        },
+        seconds,
+    )
+    return {
+        "as_trained_images_per_s": rates["as_trained"],
+        "served_images_per_s": rates["served"],
+        "gain": rates["served"] / rates["as_trained"],
+        "max_score_difference": float(np.abs(plain.predict(inputs) - bundle.predict(inputs)).max()),
+    }
 
 
 def end_to_end(args: argparse.Namespace, files: list[bytes]) -> float:
@@ -379,6 +403,7 @@ def main() -> None:
         "decode_workers": args.decode_workers,
         "cpu_count": os.cpu_count(),
     }
+    results["rewrite"] = rewrite_gain(args, bundle)
     forward = forward_rate(bundle, args.batch)
     if not args.skip_http:
         files = [dicom_224(seed) for seed in range(args.studies)]

@@ -250,6 +250,30 @@ def test_batched_scores_equal_one_at_a_time(
     assert {c.status for c in rows(client, Case)} == {"scored", "not_analyzed"}
 
 
+def test_a_partial_batch_waits_once_for_more_jobs(
+    quiet_client: TestClient, manual: Settings, make_key: MakeKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = quiet_client
+    key = make_key("uploader", "north")
+    queue_study(client, key)
+    waits: list[float] = []
+
+    def two_more_arrive(seconds: float) -> None:  # stands in for the worker's wait
+        waits.append(seconds)
+        for name in ("cr_chest_pa_monochrome1_siim.dcm", "cxr_normal.jpeg"):
+            queue_study(client, key, name)
+
+    monkeypatch.setattr("triage_api.worker.time.sleep", two_more_arrive)
+    worker = new_worker(client, manual.model_copy(update={"batch_size": 4, "batch_wait_ms": 50}))
+    assert len(worker.claim_batch()) == 3  # one waiting, two more during the 50 ms
+    assert waits == [0.05]
+    assert worker.claim_batch() == []  # nothing waiting: no wait either
+    assert waits == [0.05]
+    impatient = new_worker(client, manual.model_copy(update={"batch_size": 4, "batch_wait_ms": 0}))
+    queue_study(client, key, "dx_thorax_dog_monochrome1.dcm")
+    assert len(impatient.claim_batch()) == 1 and waits == [0.05]
+
+
 def test_health_and_prometheus_metrics_describe_the_fleet(client: TestClient, make_key: MakeKey) -> None:
     key = make_key("uploader", "north")
     case_id = queue_study(client, key)

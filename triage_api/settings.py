@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1)
     batch_size: int = Field(16, ge=1, le=1024)
     """Jobs a worker claims and scores in one forward pass."""
+    batch_wait_ms: float = Field(10.0, ge=0, le=10_000)
+    """When fewer than ``batch_size`` jobs are waiting, how long a worker waits once for
+    more before scoring what it has (0: never waits)."""
     decode_workers: int = Field(0, ge=0, le=256)
     """Processes that decode studies, one batch ahead of the forward pass; 0 decodes in
     the worker's thread (no time bound then). See the README's "Workers"."""

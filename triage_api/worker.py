@@ -82,6 +82,11 @@ class _Listener:
         self.connection.close()
 
 
+def _cases(session: Session, ids: list[str]) -> dict[str, Case]:
+    """The cases of a batch, loaded with one query."""
+    return {case.id: case for case in session.execute(select(Case).where(Case.id.in_(ids))).scalars()}
+
+
 def tier_of(risk: float, card: ModelCard) -> str:
     if risk >= card.thresholds.critical:
         return "critical"
@@ -133,8 +138,10 @@ class Worker:
             )
             if session.get_bind().dialect.name == "postgresql":
                 query = query.with_for_update(skip_locked=True)
-            for job in session.execute(query).scalars().all():
-                case = session.get_one(Case, job.case_id)
+            jobs = session.execute(query).scalars().all()
+            cases = _cases(session, [job.case_id for job in jobs])
+            for job in jobs:
+                case = cases[job.case_id]
                 job.attempts += 1
                 if job.attempts > self.settings.max_attempts:
                     job.status, job.lease_until = "dead", None
@@ -147,6 +154,16 @@ class Worker:
                 case.status = "running"
                 self._audit(session, case, "study.score.start", details={"attempt": job.attempts})
                 claims.append(Claim(job.id, case.id, job.attempts, case.sha256, case.media_type))
+        return claims
+
+    def claim_batch(self) -> list[Claim]:
+        """Claim up to ``batch_size`` jobs; if fewer were waiting, wait ``batch_wait_ms``
+        once and claim more, so that a burst of uploads is scored in full batches."""
+        size, wait = self.settings.batch_size, self.settings.batch_wait_ms / 1000
+        claims = self.claim(size)
+        if claims and len(claims) < size and wait > 0:
+            time.sleep(wait)
+            claims += self.claim(size - len(claims))
         return claims
 
     def decode(self, claims: list[Claim]) -> list[Decoded]:
@@ -192,11 +209,14 @@ class Worker:
         card = self.bundle.card
         written = 0
         with transaction(self.factory) as session:
+            locked = select(Job).where(Job.id.in_([c.job_id for c in claims])).order_by(Job.id)
+            jobs = {job.id: job for job in session.execute(locked.with_for_update()).scalars()}
+            cases = _cases(session, [claim.case_id for claim in claims])
             for claim, result in zip(claims, results, strict=True):
-                job = session.get_one(Job, claim.job_id, with_for_update=True)
+                job = jobs[claim.job_id]
                 if job.status != "running" or job.attempts != claim.attempt or job.worker != self.name:
                     continue
-                case = session.get_one(Case, claim.case_id)
+                case = cases[claim.case_id]
                 case.status, case.reason = result.status, result.reason
                 details: dict[str, object] = {"attempt": claim.attempt, "status": result.status}
                 if result.status == "scored" and result.risk is not None:
@@ -226,7 +246,7 @@ class Worker:
 
     def run_once(self) -> bool:
         """Claim, score and finish one batch; False when there was nothing to do."""
-        claims = self.claim(self.settings.batch_size)
+        claims = self.claim_batch()
         if claims:
             self._complete(claims, self.score(claims))
         self.heartbeat()
@@ -243,7 +263,7 @@ class Worker:
         Returns:
             False when there was nothing to do.
         """
-        claims = self.claim(self.settings.batch_size)
+        claims = self.claim_batch()
         upcoming = _Ahead(claims, feeder.submit(self.decode, claims)) if claims else None
         current, self._ahead = self._ahead, upcoming
         if current is not None:

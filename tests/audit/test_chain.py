@@ -228,3 +228,34 @@ def _unsigned(factory: sessionmaker[Session]) -> bool:
             select(AuditCheckpoint.head_seq).order_by(AuditCheckpoint.head_seq.desc())
         ).first()
         return last is None or last[0] < 50
+
+
+def test_one_session_over_many_transactions_keeps_one_chain(
+    factory: sessionmaker[Session], key: Ed25519PrivateKey
+) -> None:
+    """A transaction's later events continue from its earlier ones without reading the head
+    again; a rolled-back transaction or another writer in between must not leave a gap."""
+
+    def event(session: Session, n: int) -> AuditEvent:
+        return record(
+            session,
+            actor="test",
+            action="test.write",
+            code=EventCode.ACCESS,
+            object_type="test",
+            object_id=str(n),
+        )
+
+    with factory() as session:
+        with session.begin():
+            assert [event(session, n).seq for n in range(3)] == [1, 2, 3]
+        with pytest.raises(RuntimeError), session.begin():
+            event(session, 3)
+            raise RuntimeError("rolled back")
+        append(factory, 2, actor="other")  # seq 4 and 5, from another session
+        with session.begin():
+            assert [event(session, n).seq for n in (4, 5)] == [6, 7]
+    checkpoint(factory, key)
+    report = check(factory, key)
+    assert report.ok, report.problems
+    assert report.events == 7

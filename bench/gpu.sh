@@ -11,9 +11,9 @@ cd "$(dirname "$0")/.."
 .venv/bin/pip install --quiet -e '.[test]'
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
 .venv/bin/python -m pytest -q tests/test_gpu.py 2>&1 | tee "$out/gpu-tests.txt"
-.venv/bin/python bench/serving.py --device cuda:0 --studies 2048 --clients 16 --batch 64 \
+.venv/bin/python bench/serving.py --device cuda:0 --studies 2048 --clients 16 --runs 1 --batch 64 \
   --json "$out/serving.json" 2>&1 | tail -n 40 | tee "$out/serving.txt"
-.venv/bin/python bench/serving.py --device cuda:0 --studies 2048 --clients 16 --batch 64 --compile \
+.venv/bin/python bench/serving.py --device cuda:0 --studies 2048 --clients 16 --runs 1 --batch 64 --compile \
   --json "$out/serving-compiled.json" 2>&1 | tail -n 40 | tee "$out/serving-compiled.txt"
 if [ -f bench/train.py ]; then
   .venv/bin/python bench/train.py 2>&1 | tail -n 40 | tee "$out/train.txt"

@@ -18,6 +18,7 @@ import numpy as np
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 from sqlalchemy import func, select
 
 from models.bundle import load_bundle
@@ -250,6 +251,28 @@ def test_batched_scores_equal_one_at_a_time(
     assert {c.status for c in rows(client, Case)} == {"scored", "not_analyzed"}
 
 
+def test_batch_sizes_are_reported_as_a_histogram(
+    quiet_client: TestClient, manual: Settings, make_key: MakeKey
+) -> None:
+    client = quiet_client
+    worker, claims = claim_the_test_studies(client, manual, make_key)
+    worker._complete(claims, worker.score(claims))  # a batch of 4
+    picture = io.BytesIO()
+    Image.fromarray(np.full((64, 64), 90, dtype=np.uint8)).save(picture, format="PNG")
+    assert upload(client, make_key("uploader", "north"), picture.getvalue()).status_code == 201
+    assert worker.run_once()  # a batch of 1
+    worker.heartbeat(every_seconds=0)
+    admin = bearer(make_key("admin"))
+    (beat,) = client.get("/v1/health", headers=admin).json()["workers"]
+    assert {k: v for k, v in beat["batch_sizes"].items() if v} == {"1": 1, "4": 1}
+    text = client.get("/metrics", headers=admin).text
+    name = worker.name
+    for le, count in (("1", 1), ("2", 1), ("4", 2), ("8", 2), ("+Inf", 2)):
+        assert f'triage_worker_batch_size_bucket{{worker="{name}",le="{le}"}} {count}' in text
+    assert f'triage_worker_batch_size_sum{{worker="{name}"}} 5' in text
+    assert f'triage_worker_batch_size_count{{worker="{name}"}} 2' in text
+
+
 def test_a_partial_batch_waits_once_for_more_jobs(
     quiet_client: TestClient, manual: Settings, make_key: MakeKey, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -292,6 +315,11 @@ def test_health_and_prometheus_metrics_describe_the_fleet(client: TestClient, ma
     assert 'triage_jobs{status="done"} 1' in text
     assert 'triage_cases{status="scored"} 1' in text
     assert "triage_time_to_score_seconds_count 1" in text
+    name = worker["name"]
+    assert worker["batch_sizes"]["1"] == 1 and sum(worker["batch_sizes"].values()) == 1
+    assert f'triage_worker_batch_size_bucket{{worker="{name}",le="1"}} 1' in text
+    assert f'triage_worker_batch_size_bucket{{worker="{name}",le="+Inf"}} 1' in text
+    assert f'triage_worker_batch_size_count{{worker="{name}"}} 1' in text
     assert client.get("/metrics").status_code == 401
 
 

@@ -6,6 +6,7 @@ carry counts and timings only, never patient data.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -19,6 +20,7 @@ from audit.checkpoint import tail_status
 from triage_api.auth import Principal, Role
 from triage_api.deps import RuntimeDep, allow
 from triage_api.tables import Case, Job, Prediction, WorkerBeat
+from triage_api.worker import BATCH_BUCKETS
 
 router = APIRouter()
 
@@ -50,9 +52,33 @@ def _fleet(session: Session, now: datetime) -> list[dict[str, Any]]:
                 "studies": beat.studies,
                 "batches_per_second": beat.batches / uptime,
                 "mean_batch_size": beat.studies / beat.batches if beat.batches else None,
+                "batch_sizes": _buckets(beat.batch_sizes),
             }
         )
     return workers
+
+
+def _buckets(stored: str | None) -> dict[str, int]:
+    """Batches per bucket upper bound (not cumulative), every bucket present."""
+    counts = json.loads(stored) if stored else {}
+    return {bucket: int(counts.get(bucket, 0)) for bucket in (*map(str, BATCH_BUCKETS), "+Inf")}
+
+
+def _batch_size_histogram(workers: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "# HELP triage_worker_batch_size Studies per batch the worker scored.",
+        "# TYPE triage_worker_batch_size histogram",
+    ]
+    for w in workers:
+        cumulative = 0
+        for bucket, count in w["batch_sizes"].items():
+            cumulative += count
+            lines.append(
+                f'triage_worker_batch_size_bucket{{worker="{w["name"]}",le="{bucket}"}} {cumulative}'
+            )
+        lines.append(f'triage_worker_batch_size_sum{{worker="{w["name"]}"}} {w["studies"]}')
+        lines.append(f'triage_worker_batch_size_count{{worker="{w["name"]}"}} {w["batches"]}')
+    return lines
 
 
 def _time_to_score(session: Session, now: datetime) -> list[float]:
@@ -86,7 +112,7 @@ def health(runtime: RuntimeDep, principal: Operator) -> dict[str, Any]:
 
 @router.get("/metrics", response_class=PlainTextResponse)
 def metrics(runtime: RuntimeDep, principal: Operator) -> str:
-    """Prometheus exposition: queue depth, cases by status, workers, time to score."""
+    """Prometheus exposition: queue depth, cases by status, workers, batch sizes, time to score."""
     now = datetime.now(UTC)
     with runtime.reads() as session:
         jobs = _counts(session, Job.status, JOB_STATUSES)
@@ -119,6 +145,7 @@ def metrics(runtime: RuntimeDep, principal: Operator) -> str:
         "# HELP triage_worker_studies_total Studies scored by the worker.",
         "# TYPE triage_worker_studies_total counter",
         *(f'triage_worker_studies_total{{worker="{w["name"]}"}} {w["studies"]}' for w in workers),
+        *_batch_size_histogram(workers),
         "# HELP triage_time_to_score_seconds Upload to committed prediction, last hour.",
         "# TYPE triage_time_to_score_seconds summary",
     ]

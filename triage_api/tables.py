@@ -259,3 +259,5 @@ class WorkerBeat(Base):
     last_seen: Mapped[datetime] = mapped_column(UTCDateTime)
     batches: Mapped[int] = mapped_column(Integer)
     studies: Mapped[int] = mapped_column(Integer)
+    batch_sizes: Mapped[str | None] = mapped_column(Text)
+    """JSON ``{bucket upper bound: batches}`` over :data:`BATCH_BUCKETS` (``"+Inf"`` last)."""

@@ -10,11 +10,13 @@ forward pass.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -33,6 +35,14 @@ from triage_api.settings import Settings
 from triage_api.tables import Case, Job, Prediction, WorkerBeat
 
 log = logging.getLogger("triage.worker")
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+"""Upper bounds of the batch-size histogram a worker reports (``TRIAGE_BATCH_SIZE`` <= 1024)."""
+
+
+def batch_bucket(size: int) -> str:
+    """The histogram bucket of a batch of ``size`` studies: its upper bound, as text."""
+    return next((str(bound) for bound in BATCH_BUCKETS if size <= bound), "+Inf")
 
 
 @dataclass(frozen=True)
@@ -113,6 +123,8 @@ class Worker:
         self.name = f"worker:{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
         self.started_at = datetime.now(UTC)
         self.batches = self.studies = 0
+        self.batch_sizes: Counter[str] = Counter()
+        """Batches finished, by :func:`batch_bucket`."""
         self._last_beat = 0.0
         self.gate = Gate.of(bundle.card)
         self.pool: DecodePool | None = None
@@ -281,6 +293,7 @@ class Worker:
         self.finish(claims, results)
         self.batches += 1
         self.studies += len(claims)
+        self.batch_sizes[batch_bucket(len(claims))] += 1
 
     def heartbeat(self, every_seconds: float = 5.0) -> None:
         """Record that this worker is alive (at most every ``every_seconds``)."""
@@ -298,6 +311,7 @@ class Worker:
                 session.add(beat)
             beat.last_seen = datetime.now(UTC)
             beat.batches, beat.studies = self.batches, self.studies
+            beat.batch_sizes = json.dumps(dict(self.batch_sizes), sort_keys=True)
         self._last_beat = time.monotonic()
 
     def run(self, stop: threading.Event) -> None:

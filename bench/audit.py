@@ -96,7 +96,6 @@ def _plain(factory: sessionmaker[Session], n: int, per_txn: int) -> None:
                         hash="",
                     )
                 )
-                session.flush()
 
 
 def _rows(start_seq: int, prev_hash: str, n: int, chained: bool) -> Iterator[dict[str, Any]]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import func, select
@@ -29,7 +30,7 @@ from triage_api.app import create_app
 from triage_api.decoding import DecodePool, DecodeTask, Gate, decode_study
 from triage_api.settings import Settings
 from triage_api.tables import Case, Job, Prediction
-from triage_api.worker import Claim, Result, Worker
+from triage_api.worker import Claim, Result, Worker, cpu_budget, load_model
 
 
 @pytest.fixture
@@ -547,3 +548,33 @@ def test_the_default_card_is_for_children_aged_1_to_5() -> None:
 
     card = read_card(Path(__file__).parents[1] / "models" / "bundles" / "cxr-pneumonia-lite0")
     assert Gate.of(card).age_bands == ("1–5 y",)
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"cpu.max": "100000 100000\n"}, 1),
+        ({"cpu.max": "50000 100000\n"}, 1),  # half a CPU still gets one thread
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "150000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+)
+def test_cpu_budget_follows_affinity_and_a_container_quota(
+    tmp_path: Path, files: dict[str, str], expected: int | None
+) -> None:
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(content)
+    affinity = len(os.sched_getaffinity(0))
+    assert cpu_budget(tmp_path) == (affinity if expected is None else expected)
+
+
+def test_a_cpu_worker_sets_its_thread_count(settings: Settings) -> None:
+    before = torch.get_num_threads()
+    try:
+        bundle = load_model(settings.model_copy(update={"torch_threads": 1}))
+        assert torch.get_num_threads() == 1 and bundle.device.type == "cpu"
+    finally:
+        torch.set_num_threads(before)

@@ -21,7 +21,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from audit.checkpoint import Checkpointer
 from audit.log import EventCode, record
-from models.bundle import load_bundle
 from triage_api import (
     appeal_views,
     audit_views,
@@ -54,7 +53,7 @@ from triage_api.schemas import (
 from triage_api.settings import Settings
 from triage_api.tables import User
 from triage_api.web import views as web_views
-from triage_api.worker import Worker
+from triage_api.worker import Worker, load_model
 
 log = logging.getLogger("triage")
 
@@ -193,11 +192,7 @@ def create_app(settings: Settings) -> FastAPI:
             ),
         ]
         if settings.run_worker:
-            worker = Worker(
-                factory,
-                settings,
-                load_bundle(settings.model_path, settings.device, compile=settings.compile_model),
-            )
+            worker = Worker(factory, settings, load_model(settings))
             threads.append(
                 threading.Thread(target=worker.run, args=(stop,), name="triage-worker", daemon=True)
             )

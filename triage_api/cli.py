@@ -35,19 +35,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from models.bundle import load_bundle
-    from triage_api.worker import Worker
+    from triage_api.worker import Worker, load_model
 
     quiet_pydicom()
     overrides = {"device": args.device, "batch_size": args.batch, "decode_workers": args.decode_workers}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     engine = make_engine(settings.sqlalchemy_url)
     migrate(engine)
-    worker = Worker(
-        make_sessionmaker(engine),
-        settings,
-        load_bundle(settings.model_path, settings.device, compile=settings.compile_model),
-    )
+    worker = Worker(make_sessionmaker(engine), settings, load_model(settings))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     device: str = "cpu"
     compile_model: bool = False
     """``torch.compile`` the served network (worth it on a GPU for long-running workers)."""
+    torch_threads: int = Field(0, ge=0, le=1024)
+    """CPU threads for the forward pass; 0: ``OMP_NUM_THREADS`` if set, else the cores this
+    process may use (its CPU affinity, capped by a container's cgroup CPU quota)."""
 
     host: str = "127.0.0.1"
     port: int = 8000

@@ -20,14 +20,16 @@ from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import psycopg
+import torch
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from audit.log import EventCode, Outcome, record
-from models.bundle import Bundle, ModelCard
+from models.bundle import Bundle, ModelCard, load_bundle
 from triage_api.db import transaction
 from triage_api.decoding import Decoded, DecodePool, DecodeTask, Gate, decode_study
 from triage_api.ingest import DICOM, JOBS_CHANNEL, blob_path
@@ -90,6 +92,36 @@ class _Listener:
 
     def close(self) -> None:
         self.connection.close()
+
+
+def cpu_budget(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota.
+
+    torch sizes its thread pool from the machine's cores, not from a container's quota:
+    a worker limited to 4 CPUs on a 64-core host would run 32 threads on 4 CPUs' time.
+    """
+    cores = len(os.sched_getaffinity(0))
+    try:  # cgroup v2: "max 100000" or "<quota> <period>" in microseconds
+        quota, period = (cgroup / "cpu.max").read_text().split()
+    except (OSError, ValueError):
+        try:  # cgroup v1
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return cores
+    if quota in ("max", "-1") or not quota.isdigit() or not period.isdigit() or int(period) == 0:
+        return cores
+    return max(1, min(cores, int(quota) // int(period)))
+
+
+def load_model(settings: Settings) -> Bundle:
+    """The bundle a worker serves, on ``settings.device``; on CPU, with the forward pass's
+    thread count set (``settings.torch_threads``, see :func:`cpu_budget`)."""
+    if torch.device(settings.device).type == "cpu":
+        threads = settings.torch_threads or (None if os.environ.get("OMP_NUM_THREADS") else cpu_budget())
+        if threads is not None:
+            torch.set_num_threads(threads)
+    return load_bundle(settings.model_path, settings.device, compile=settings.compile_model)
 
 
 def _cases(session: Session, ids: list[str]) -> dict[str, Case]:

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from audit.copies import append_copy, copy_line
 from audit.keys import key_id, load_or_create_signing_key, load_signing_key
 from audit.log import GENESIS_HASH, AuditCheckpoint, AuditEvent, canonical, find_break, lock_writers
 
@@ -102,12 +103,17 @@ def _head(session: Session) -> tuple[int, str] | None:
     return None if row is None else (row[0], row[1])
 
 
-def tail_status(session: Session) -> dict[str, Any]:
+def tail_status(session: Session, copied_seq: int | None = None) -> dict[str, Any]:
     """A cheap live check for health: do the events since the newest checkpoint verify?
 
     Walks only the unsigned tail (at most the checkpoint interval's events) from the signed
     head, and checks that the signed head row still carries the signed hash. The full walk
     with signatures is ``triage audit verify``.
+
+    Args:
+        session: any session on the audit database.
+        copied_seq: the newest head in the checkpoint copy outside the database
+            (:func:`audit.copies.copied_head`); a chain that ends before it was cut.
 
     Returns:
         ``{"ok", "head_seq", "signed_seq", "signed_at", "unsigned", "broken_at"}``.
@@ -126,6 +132,8 @@ def tail_status(session: Session) -> dict[str, Any]:
     if broken_at is None and (found := find_break(session, after=after)) is not None:
         broken_at = found.seq
     head_seq = head[0] if head is not None else 0
+    if broken_at is None and copied_seq is not None and copied_seq > head_seq:
+        broken_at = head_seq + 1
     return {
         "ok": broken_at is None,
         "head_seq": head_seq,
@@ -227,6 +235,7 @@ class Checkpointer:
         reads: sessionmaker[Session] | None = None,
         poll_seconds: float = 1.0,
         create_key: bool = True,
+        copy_path: Path | None = None,
     ) -> None:
         """Args:
         factory: write sessions (on SQLite they take the write lock).
@@ -237,6 +246,8 @@ class Checkpointer:
         poll_seconds: how often the thread asks.
         create_key: create the key file if absent. Pass False in processes on other hosts
             (remote workers): a second key would sign checkpoints ``verify`` rejects.
+        copy_path: also append each checkpoint to this file (:mod:`audit.copies`), on
+            other storage than the database; None keeps no copy.
         """
         if every_events < 1 or every_seconds <= 0 or poll_seconds <= 0:
             raise ValueError("checkpoint intervals must be positive")
@@ -247,6 +258,7 @@ class Checkpointer:
         self.every_seconds = every_seconds
         self.poll_seconds = min(poll_seconds, every_seconds)
         self.create_key = create_key
+        self.copy_path = copy_path
         self._key: Ed25519PrivateKey | None = None
 
     @property
@@ -279,7 +291,16 @@ class Checkpointer:
                 if not is_due(session, every_events=self.every_events, every_seconds=self.every_seconds):
                     return None
         with self.factory() as session, session.begin():
-            return write_checkpoint(session, self.key)
+            checkpoint = write_checkpoint(session, self.key)
+            line = copy_line(checkpoint) if checkpoint is not None else None
+        if line is not None and self.copy_path is not None:
+            # After the commit: a copied head always exists in the database. If this append
+            # fails, the next checkpoint's line still covers these events.
+            try:
+                append_copy(self.copy_path, line)
+            except OSError as exc:
+                log.error("audit checkpoint copy not written (%s)", type(exc).__name__)
+        return checkpoint
 
     def run(self, stop: threading.Event) -> None:
         """Poll until ``stop`` is set, then sign whatever is still unsigned.

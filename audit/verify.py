@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -20,7 +21,9 @@ class Report:
     events: int = 0
     """Events that verified, from seq 1 on."""
     checkpoints: int = 0
-    """Checkpoints examined."""
+    """Checkpoints in the database examined."""
+    copies: int = 0
+    """Checkpoints from the copy outside the database examined."""
     signed_head: int = 0
     """The highest ``head_seq`` among checkpoints with a good signature."""
     first_bad_seq: int | None = None
@@ -38,7 +41,17 @@ class Report:
             self.first_bad_seq = seq
 
 
-def verify(session: Session, public_key: Ed25519PublicKey, *, batch: int = 10_000) -> Report:
+def _name(checkpoint: AuditCheckpoint) -> str:
+    return f"checkpoint {checkpoint.id}" if checkpoint.id is not None else "copied checkpoint"
+
+
+def verify(
+    session: Session,
+    public_key: Ed25519PublicKey,
+    *,
+    batch: int = 10_000,
+    copies: Sequence[AuditCheckpoint] = (),
+) -> Report:
     """Walk the chain and check every checkpoint: signature, count and head hash.
 
     A checkpoint whose head lies beyond the chain's end proves the tail was cut; the first
@@ -49,6 +62,9 @@ def verify(session: Session, public_key: Ed25519PublicKey, *, batch: int = 10_00
         session: any session on the audit database (only reads).
         public_key: the checkpoint key's public half, ideally from outside this machine.
         batch: rows fetched per round trip.
+        copies: checkpoints from the copy outside the database (:mod:`audit.copies`),
+            checked like the stored ones: they catch a tail cut together with its
+            checkpoints.
 
     Returns:
         The report; ``report.ok`` is False on any problem.
@@ -60,14 +76,15 @@ def verify(session: Session, public_key: Ed25519PublicKey, *, batch: int = 10_00
         ).scalars()
     )
     report.checkpoints = len(checkpoints)
+    report.copies = len(copies)
     expected_key = key_id(public_key)
     trusted: dict[int, list[AuditCheckpoint]] = {}
-    for checkpoint in checkpoints:
+    for checkpoint in [*checkpoints, *copies]:
         if not signature_valid(checkpoint, public_key):
             other = " (signed by another key)" if checkpoint.key_id != expected_key else ""
             report._bad(
                 checkpoint.head_seq,
-                f"checkpoint {checkpoint.id} (head {checkpoint.head_seq}) has a bad signature{other}",
+                f"{_name(checkpoint)} (head {checkpoint.head_seq}) has a bad signature{other}",
             )
             continue
         trusted.setdefault(checkpoint.head_seq, []).append(checkpoint)
@@ -84,13 +101,13 @@ def verify(session: Session, public_key: Ed25519PublicKey, *, batch: int = 10_00
                 # change lies after the previous matching head, the last event still vouched for.
                 report._bad(
                     matched + 1,
-                    f"event {seq} differs from what checkpoint {checkpoint.id} signed: "
+                    f"event {seq} differs from what {_name(checkpoint)} signed: "
                     f"events {matched + 1}..{seq} were rewritten",
                 )
             elif checkpoint.count != report.events:
                 report._bad(
                     seq,
-                    f"checkpoint {checkpoint.id} signed {checkpoint.count} events up to {seq}, "
+                    f"{_name(checkpoint)} signed {checkpoint.count} events up to {seq}, "
                     f"the chain has {report.events}",
                 )
             else:

@@ -180,6 +180,7 @@ def create_app(settings: Settings) -> FastAPI:
             every_events=settings.audit_checkpoint_events,
             every_seconds=settings.audit_checkpoint_seconds,
             reads=make_sessionmaker(read_engine),
+            copy_path=settings.audit_copy_path,
         )
         _ = checkpointer.key  # an unusable key fails the start, not the first checkpoint
         stop = threading.Event()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from audit.checkpoint import ChainBroken, Checkpointer
+from audit.copies import load_copies
 from audit.keys import (
     AuditKeyError,
     load_or_create_signing_key,
@@ -32,20 +33,32 @@ def _verify(args: argparse.Namespace) -> int:
     except AuditKeyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    copy_path = Path(args.copy) if args.copy else settings.audit_copy_path
+    copies, unreadable = load_copies(copy_path)
+    if not copy_path.exists():
+        if args.copy:
+            unreadable = [f"the checkpoint copy {copy_path} is missing"]
+        else:
+            print(
+                f"note: no checkpoint copy at {copy_path}: a tail cut together with its "
+                "checkpoints would not show (pass --copy with the copy from its backup)",
+                file=sys.stderr,
+            )
     reads = make_engine(settings.sqlalchemy_url, read_only=True)
     try:
         with make_sessionmaker(reads)() as session:
-            report = verify(session, public_key)
+            report = verify(session, public_key, copies=copies)
     finally:
         reads.dispose()
+    report.problems += unreadable
     for problem in report.problems:
         print(f"BROKEN: {problem}", file=sys.stderr)
     if report.ok:
         print(
             f"ok: {report.events} events verified, {report.checkpoints} checkpoints, "
-            f"signed up to event {report.signed_head}"
+            f"{report.copies} copied checkpoints ({copy_path}), signed up to event {report.signed_head}"
         )
-    else:
+    elif report.first_bad_seq is not None:
         print(f"first bad sequence number: {report.first_bad_seq}")
     if not args.no_record:
         engine = make_engine(settings.sqlalchemy_url)
@@ -81,6 +94,7 @@ def _checkpoint(args: argparse.Namespace) -> int:
             key_path=settings.audit_key_path,
             every_events=settings.audit_checkpoint_events,
             every_seconds=settings.audit_checkpoint_seconds,
+            copy_path=settings.audit_copy_path,
         )
         checkpoint = checkpointer.run_once(force=not args.if_due)
     except AuditKeyError as exc:
@@ -130,6 +144,11 @@ def add_commands(subparsers: Any) -> None:
         "--public-key", default=None, help="PEM public key (default: derived from the local signing key)"
     )
     check.add_argument("--no-record", action="store_true", help="do not audit this verification")
+    check.add_argument(
+        "--copy",
+        default=None,
+        help="the checkpoint copy to check against (default: TRIAGE_AUDIT_CHECKPOINT_COPY, if present)",
+    )
     check.set_defaults(func=_verify)
     sign = audit.add_parser("checkpoint", help="sign the chain's head now")
     sign.add_argument("--if-due", action="store_true", help="only if the configured interval says so")

@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from audit.checkpoint import tail_status
+from audit.copies import copied_head
 from triage_api.auth import Principal, Role
 from triage_api.deps import RuntimeDep, allow
 from triage_api.tables import Case, Job, Prediction, WorkerBeat
@@ -98,7 +99,7 @@ def health(runtime: RuntimeDep, principal: Operator) -> dict[str, Any]:
         jobs = _counts(session, Job.status, JOB_STATUSES)
         workers = _fleet(session, now)
         oldest = session.execute(select(func.min(Job.available_at)).where(Job.status == "queued")).scalar()
-        audit = tail_status(session)
+        audit = tail_status(session, copied_head(runtime.settings.audit_copy_path))
     alive = any(w["alive"] for w in workers)
     return {
         "status": "ok" if (alive or jobs["queued"] == 0) and audit["ok"] else "degraded",
@@ -119,7 +120,7 @@ def metrics(runtime: RuntimeDep, principal: Operator) -> str:
         cases = _counts(session, Case.status, CASE_STATUSES)
         workers = _fleet(session, now)
         waits = _time_to_score(session, now)
-        audit = tail_status(session)
+        audit = tail_status(session, copied_head(runtime.settings.audit_copy_path))
     lines = [
         "# HELP triage_audit_tail_ok 1 if the audit events since the last signed checkpoint verify.",
         "# TYPE triage_audit_tail_ok gauge",

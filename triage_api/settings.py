@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     audit_key_file: Path | None = None
     """Ed25519 key that signs audit checkpoints; empty means ``<data_dir>/secrets/audit-ed25519.key``.
     Keep it outside the database (and its backups)."""
+    audit_checkpoint_copy: Path | None = None
+    """Append-only copy of every checkpoint, outside the database; empty means
+    ``audit-checkpoints.jsonl`` next to the key file. Back it up apart from the database."""
     audit_checkpoint_events: int = Field(1000, ge=1)
     audit_checkpoint_seconds: float = Field(300, gt=0)
 
@@ -101,6 +104,10 @@ class Settings(BaseSettings):
     @property
     def audit_key_path(self) -> Path:
         return self.audit_key_file or self.secret_dir / "audit-ed25519.key"
+
+    @property
+    def audit_copy_path(self) -> Path:
+        return self.audit_checkpoint_copy or self.audit_key_path.parent / "audit-checkpoints.jsonl"
 
     @property
     def sqlalchemy_url(self) -> str:

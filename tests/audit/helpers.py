@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -50,3 +52,9 @@ def tamper(engine: Engine, *statements: str) -> None:
     with engine.begin() as connection:
         for statement in statements:
             connection.execute(text(statement))
+
+
+def run(parser: argparse.ArgumentParser, *argv: str) -> int:
+    """Run one command of a parser from the ``cli_env`` fixture; its exit status."""
+    args = parser.parse_args(list(argv))
+    return int(args.func(args))

@@ -23,8 +23,7 @@ from audit.keys import (
     public_key_pem,
 )
 from audit.log import AuditEvent
-from tests.audit.helpers import append, tamper
-from triage_api import audit_cli
+from tests.audit.helpers import append, run, tamper
 from triage_api.settings import Settings
 
 
@@ -81,24 +80,6 @@ def test_the_checkpointer_thread_signs_and_signs_the_rest_when_stopped(
         last = latest_checkpoint(session)
         head = session.execute(select(AuditEvent.seq).order_by(AuditEvent.seq.desc())).scalars().first()
     assert last is not None and last.head_seq == head == 4 and last.count == 4
-
-
-@pytest.fixture
-def cli_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> argparse.ArgumentParser:
-    """The commands read ``Settings()`` from the environment, as ``triage`` does."""
-    for name in list(os.environ):
-        if name.startswith("TRIAGE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("TRIAGE_DATA_DIR", str(settings.data_dir))
-    monkeypatch.setenv("TRIAGE_DATABASE_URL", settings.sqlalchemy_url)
-    parser = argparse.ArgumentParser(prog="triage")
-    audit_cli.add_commands(parser.add_subparsers(dest="command", required=True))
-    return parser
-
-
-def run(parser: argparse.ArgumentParser, *argv: str) -> int:
-    args = parser.parse_args(list(argv))
-    return int(args.func(args))
 
 
 def test_cli_checkpoint_public_key_and_verify(

@@ -12,6 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from audit.checkpoint import latest_checkpoint
+from audit.copies import load_copies
 from audit.keys import AuditKeyError, load_signing_key
 from audit.log import AuditCheckpoint, EventCode, record
 from audit.verify import Report, verify
@@ -126,14 +127,16 @@ class ChainStatus:
     key_problem: str | None = None
 
 
-def chain_status(session: Session, *, principal: Principal, key_path: Path) -> ChainStatus:
-    """Verify the whole chain and every checkpoint now (audited 110101)."""
+def chain_status(session: Session, *, principal: Principal, key_path: Path, copy_path: Path) -> ChainStatus:
+    """Verify the whole chain, every checkpoint and the checkpoint copy now (audited 110101)."""
     checkpoint = latest_checkpoint(session)
     try:
         public = load_signing_key(key_path).public_key()
     except AuditKeyError as exc:
         return ChainStatus(None, checkpoint, str(exc))
-    report = verify(session, public)
+    copies, unreadable = load_copies(copy_path)
+    report = verify(session, public, copies=copies)
+    report.problems += unreadable
     record(
         session,
         actor=principal.actor,

@@ -673,7 +673,10 @@ def audit_log(
             )
         )
         status = desk.chain_status(
-            session, principal=user.principal, key_path=runtime.settings.audit_key_path
+            session,
+            principal=user.principal,
+            key_path=runtime.settings.audit_key_path,
+            copy_path=runtime.settings.audit_copy_path,
         )
     return _page(
         request,

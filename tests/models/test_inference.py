@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from timm.layers.conv2d_same import Conv2dSame
@@ -11,6 +12,8 @@ from torch import nn
 
 from models.bundle import load_bundle
 from models.inference import CroppedSameConv, prepare, rewrite
+from models.preprocess import to_input
+from models.train import Sample, load_gray
 
 
 def _inputs(batch: int, size: int, seed: int = 1) -> torch.Tensor:
@@ -90,3 +93,19 @@ def test_a_rewrite_that_changes_the_scores_is_not_used() -> None:
     with torch.no_grad():
         assert not torch.allclose(folded(x), network(x), atol=1e-3)  # folding this one is wrong
     assert prepare(network, 16) is network
+
+
+def test_bf16_autocast_runs_the_rewritten_network(default_bundle_dir: Path, samples: list[Sample]) -> None:
+    """The CUDA path's autocast, exercised on CPU on real radiographs: the rewritten
+    convolutions take bf16 and the scores stay within bf16's error."""
+    fp32 = load_bundle(default_bundle_dir)
+    bf16 = load_bundle(default_bundle_dir, amp=True)
+    assert bf16.amp and not fp32.amp
+    kinds = {type(m) for m in bf16.network.modules()}
+    # Padding is exact in any precision; the norms stay unfolded (see models.inference.rewrite).
+    assert CroppedSameConv in kinds and any(issubclass(kind, nn.BatchNorm2d) for kind in kinds)
+    pre = fp32.card.preprocessing
+    batch = np.stack([to_input(load_gray(sample.path, pre), pre) for sample in samples])
+    want, got = fp32.predict(batch), bf16.predict(batch)
+    assert want.min() < 0.5 < want.max()  # both classes: the scores are not saturated alike
+    assert got == pytest.approx(want, abs=0.02)

@@ -111,10 +111,12 @@ def test_the_health_check_reads_only_the_end_of_a_long_copy(tmp_path: Path) -> N
         )
         for n in range(1, 2001)
     ]
+    lines[0] = lines[0].replace('"head_seq": 1,', '"head_seq": 999999,')  # far from the end
     path.write_text("\n".join(lines) + "\n")
     assert path.stat().st_size > 8192
-    assert copied_head(path) == 2000
-    assert copied_head(path, tail_bytes=len(lines[-1]) + 2) == 2000  # a cut first piece is skipped
+    assert copied_head(path) == 2000  # only the last 8 KB were read: the first line was not
+    assert read_copies(path)[0][0].head_seq == 999999  # (a full read would have seen it)
+    assert copied_head(path, tail_bytes=len(lines[-1]) + 10) == 2000  # begins inside a line
 
 
 def test_cli_verify_reads_the_copy(

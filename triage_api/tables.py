@@ -261,3 +261,25 @@ class WorkerBeat(Base):
     studies: Mapped[int] = mapped_column(Integer)
     batch_sizes: Mapped[str | None] = mapped_column(Text)
     """JSON ``{bucket upper bound: batches}`` over :data:`BATCH_BUCKETS` (``"+Inf"`` last)."""
+
+
+class OutboxItem(Base):
+    """One delivery leaving the service (an SR to a PACS, a webhook), see ``outbox.py``."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_due", "status", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(30))
+    target: Mapped[str] = mapped_column(String(200))
+    """Which destination of that kind, e.g. a PACS peer or a webhook subscription id."""
+    case_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    clinic_id: Mapped[int | None] = mapped_column(ForeignKey("clinics.id"), nullable=True)
+    payload: Mapped[str] = mapped_column(Text)
+    """JSON, free of patient data."""
+    status: Mapped[str] = mapped_column(String(20))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

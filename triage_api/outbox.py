@@ -178,6 +178,7 @@ def _settle(
         # the outcome of the one that claimed the row after it.
         changed = session.execute(
             update(OutboxItem)
+            .returning(OutboxItem.id)
             .where(OutboxItem.id == delivery.id, OutboxItem.attempts == delivery.attempt)
             .values(
                 status=status,
@@ -185,8 +186,8 @@ def _settle(
                 last_error=None if error is None else error.reason,
                 delivered_at=now if error is None else None,
             )
-        ).rowcount
-        if not changed:
+        ).first()
+        if changed is None:
             return "lost_lease"
         details: dict[str, Any] = {
             "kind": delivery.kind,

@@ -18,7 +18,7 @@ import struct
 import uuid
 import warnings
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pydicom
@@ -32,6 +32,7 @@ from audit.log import EventCode, record
 from models.preprocess import age_band
 from triage_api.auth import Principal
 from triage_api.errors import InvalidStudy, NotPermitted, UnsupportedMediaType
+from triage_api.priority import routine_deadline
 from triage_api.settings import Settings
 from triage_api.tables import Case, Job
 
@@ -216,10 +217,6 @@ def pseudonym(key: bytes, patient_id: str | None) -> str | None:
     if not patient_id:
         return None
     return hmac.new(key, patient_id.encode(), hashlib.sha256).hexdigest()
-
-
-def routine_deadline(received_at: datetime, settings: Settings) -> datetime:
-    return received_at + timedelta(minutes=settings.sla_routine_minutes)
 
 
 def accept_study(

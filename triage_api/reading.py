@@ -15,9 +15,9 @@ from audit.log import EventCode, record
 from triage_api.auth import Principal, Role
 from triage_api.cases import unblinded_case
 from triage_api.errors import Conflict, InvalidRequest, NotFound, NotPermitted
+from triage_api.priority import sla
 from triage_api.settings import Settings
 from triage_api.tables import Case, Read, Reprioritisation
-from triage_api.worker import sla
 
 
 def _audit(session: Session, principal: Principal, action: str, case: Case, **details: object) -> None:

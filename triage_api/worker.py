@@ -29,10 +29,11 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from audit.log import EventCode, Outcome, record
-from models.bundle import Bundle, ModelCard, load_bundle
+from models.bundle import Bundle, load_bundle
 from triage_api.db import transaction
 from triage_api.decoding import Decoded, DecodePool, DecodeTask, Gate, decode_study
 from triage_api.ingest import DICOM, JOBS_CHANNEL, blob_path
+from triage_api.priority import rescored_deadline, tier_of
 from triage_api.settings import Settings
 from triage_api.tables import Case, Job, Prediction, WorkerBeat
 
@@ -127,22 +128,6 @@ def load_model(settings: Settings) -> Bundle:
 def _cases(session: Session, ids: list[str]) -> dict[str, Case]:
     """The cases of a batch, loaded with one query."""
     return {case.id: case for case in session.execute(select(Case).where(Case.id.in_(ids))).scalars()}
-
-
-def tier_of(risk: float, card: ModelCard) -> str:
-    if risk >= card.thresholds.critical:
-        return "critical"
-    if risk >= card.thresholds.elevated:
-        return "elevated"
-    return "routine"
-
-
-def sla(tier: str, settings: Settings) -> timedelta:
-    minutes = {
-        "critical": settings.sla_critical_minutes,
-        "elevated": settings.sla_elevated_minutes,
-    }.get(tier, settings.sla_routine_minutes)
-    return timedelta(minutes=minutes)
 
 
 class Worker:
@@ -264,7 +249,7 @@ class Worker:
                 case.status, case.reason = result.status, result.reason
                 details: dict[str, object] = {"attempt": claim.attempt, "status": result.status}
                 if result.status == "scored" and result.risk is not None:
-                    tier = tier_of(result.risk, card)
+                    tier = tier_of(result.risk, card.thresholds)
                     session.add(
                         Prediction(
                             case_id=case.id,
@@ -277,8 +262,7 @@ class Worker:
                         )
                     )
                     case.risk, case.tier, case.model_ref = result.risk, tier, card.ref
-                    # A rescore may move a deadline earlier, never later.
-                    case.deadline = min(case.deadline, case.received_at + sla(tier, self.settings))
+                    case.deadline = rescored_deadline(case.deadline, case.received_at, tier, self.settings)
                     details.update(risk=round(result.risk, 6), tier=tier, model=card.ref)
                 else:
                     details["reason"] = result.reason

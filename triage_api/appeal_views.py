@@ -10,9 +10,9 @@ from sqlalchemy.orm import Session
 
 from triage_api import appeals
 from triage_api.auth import Principal, Role
+from triage_api.blobs import blob_path
 from triage_api.db import transaction
 from triage_api.deps import Admin, Radiologist, RuntimeDep, Uploader, allow
-from triage_api.ingest import blob_path
 from triage_api.schemas import AppealAssign, AppealCreate, AppealDecision, AppealRead, BlindedCase
 from triage_api.tables import Appeal
 

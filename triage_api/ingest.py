@@ -13,13 +13,11 @@ import hashlib
 import hmac
 import io
 import logging
-import os
 import struct
 import uuid
 import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pydicom
 from PIL import Image
@@ -31,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from audit.log import EventCode, record
 from models.preprocess import age_band
 from triage_api.auth import Principal
+from triage_api.blobs import store_blob
 from triage_api.errors import InvalidStudy, NotPermitted, UnsupportedMediaType
 from triage_api.priority import routine_deadline
 from triage_api.settings import Settings
@@ -185,31 +184,6 @@ def validate(data: bytes, settings: Settings) -> StudyFacts:
     if media_type == DICOM:
         return check_dicom(data, settings.max_decoded_bytes)
     return check_picture(data, media_type, settings.max_decoded_bytes)
-
-
-def store_blob(blob_dir: Path, data: bytes) -> str:
-    """Write ``data`` under its sha256 (content-addressed), fsynced; return the digest."""
-    digest = hashlib.sha256(data).hexdigest()
-    target = blob_path(blob_dir, digest)
-    if target.exists():
-        return digest
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{digest}.{uuid.uuid4().hex}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return digest
-
-
-def blob_path(blob_dir: Path, digest: str) -> Path:
-    return blob_dir / digest[:2] / digest
 
 
 def pseudonym(key: bytes, patient_id: str | None) -> str | None:

@@ -30,9 +30,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from audit.log import EventCode, Outcome, record
 from models.bundle import Bundle, load_bundle
+from triage_api.blobs import blob_path
 from triage_api.db import transaction
 from triage_api.decoding import Decoded, DecodePool, DecodeTask, Gate, decode_study
-from triage_api.ingest import DICOM, JOBS_CHANNEL, blob_path
+from triage_api.ingest import DICOM, JOBS_CHANNEL
 from triage_api.priority import rescored_deadline, tier_of
 from triage_api.settings import Settings
 from triage_api.tables import Case, Job, Prediction, WorkerBeat

@@ -22,21 +22,19 @@ from datetime import UTC, datetime
 import pydicom
 from PIL import Image
 from pydicom.uid import DeflatedExplicitVRLittleEndian
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from audit.log import EventCode, record
 from models.preprocess import age_band
+from triage_api import jobs
 from triage_api.auth import Principal
 from triage_api.blobs import store_blob
 from triage_api.errors import InvalidStudy, NotPermitted, UnsupportedMediaType
 from triage_api.priority import routine_deadline
 from triage_api.settings import Settings
-from triage_api.tables import Case, Job
-
-JOBS_CHANNEL = "triage_jobs"
-"""PostgreSQL NOTIFY channel that wakes idle workers when a job is queued."""
+from triage_api.tables import Case
 
 DICOM = "application/dicom"
 PNG = "image/png"
@@ -244,10 +242,8 @@ def accept_study(
     try:
         with factory() as session, session.begin():
             session.add(case)
-            session.add(Job(case_id=case.id, status="queued", attempts=0, available_at=now))
             session.flush()
-            if session.get_bind().dialect.name == "postgresql":
-                session.execute(text(f"NOTIFY {JOBS_CHANNEL}"))  # delivered on commit
+            jobs.enqueue(session, case.id, now)
             record(
                 session,
                 actor=principal.actor,

@@ -53,6 +53,7 @@ from triage_api.schemas import (
 )
 from triage_api.settings import Settings
 from triage_api.tables import User
+from triage_api.vocab import CaseStatus, Tier
 from triage_api.web import views as web_views
 from triage_api.worker import Worker, load_model
 
@@ -271,8 +272,8 @@ def _routes(app: FastAPI) -> None:
     def get_worklist(
         runtime: RuntimeDep,
         principal: Reader,
-        status: Annotated[str | None, Query(pattern="^(queued|running|scored|not_analyzed|failed)$")] = None,
-        tier: Annotated[str | None, Query(pattern="^(critical|elevated|routine)$")] = None,
+        status: CaseStatus | None = None,
+        tier: Tier | None = None,
         unread: bool | None = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 100,
         offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from audit.log import EventCode, record
 from triage_api.blobs import write_atomically
 from triage_api.tables import Appeal, Case, Read
+from triage_api.vocab import AppealStatus
 
 COLUMNS = (
     "case_id",
@@ -71,7 +72,9 @@ def export_reads(
     pending = (
         set(
             session.execute(
-                select(Appeal.case_id).where(Appeal.case_id.in_(ids), Appeal.status.in_(("open", "assigned")))
+                select(Appeal.case_id).where(
+                    Appeal.case_id.in_(ids), Appeal.status.in_((AppealStatus.OPEN, AppealStatus.ASSIGNED))
+                )
             ).scalars()
         )
         if ids

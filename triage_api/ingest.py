@@ -35,6 +35,7 @@ from triage_api.errors import InvalidStudy, NotPermitted, UnsupportedMediaType
 from triage_api.priority import routine_deadline
 from triage_api.settings import Settings
 from triage_api.tables import Case
+from triage_api.vocab import CaseStatus, Tier
 
 DICOM = "application/dicom"
 PNG = "image/png"
@@ -226,10 +227,10 @@ def accept_study(
         sha256=digest,
         media_type=facts.media_type,
         size_bytes=len(data),
-        status="queued",
+        status=CaseStatus.QUEUED,
         received_at=now,
         deadline=routine_deadline(now, settings),
-        tier="routine",
+        tier=Tier.ROUTINE,
         modality=facts.modality,
         body_part=facts.body_part,
         view_position=facts.view_position,

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from audit.log import EventCode, Outcome, record
 from triage_api.db import transaction
 from triage_api.tables import Case, Job, WorkerBeat
+from triage_api.vocab import CaseStatus, JobStatus
 
 JOBS_CHANNEL = "triage_jobs"
 """PostgreSQL NOTIFY channel that wakes idle workers when a job is queued."""
@@ -48,7 +49,7 @@ def enqueue(session: Session, case_id: str, now: datetime) -> None:
     On PostgreSQL, idle workers are notified; the notification is delivered on commit, so
     a worker never wakes for a job it cannot see yet.
     """
-    session.add(Job(case_id=case_id, status="queued", attempts=0, available_at=now))
+    session.add(Job(case_id=case_id, status=JobStatus.QUEUED, attempts=0, available_at=now))
     session.flush()
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text(f"NOTIFY {JOBS_CHANNEL}"))
@@ -73,7 +74,12 @@ def claim(
     with transaction(factory) as session:
         query = (
             select(Job)
-            .where(or_(Job.status == "queued", and_(Job.status == "running", Job.lease_until < now)))
+            .where(
+                or_(
+                    Job.status == JobStatus.QUEUED,
+                    and_(Job.status == JobStatus.RUNNING, Job.lease_until < now),
+                )
+            )
             .order_by(Job.id)
             .limit(limit)
         )
@@ -85,14 +91,14 @@ def claim(
             case = cases[job.case_id]
             job.attempts += 1
             if job.attempts > max_attempts:
-                job.status, job.lease_until = "dead", None
-                case.status = "failed"
+                job.status, job.lease_until = JobStatus.DEAD, None
+                case.status = CaseStatus.FAILED
                 case.reason = f"scoring gave up after {max_attempts} attempts"
                 audit_scoring(session, worker, case, "study.score.failed", Outcome.SERIOUS_FAILURE)
                 continue
-            job.status, job.worker = "running", worker
+            job.status, job.worker = JobStatus.RUNNING, worker
             job.lease_until = now + lease
-            case.status = "running"
+            case.status = CaseStatus.RUNNING
             audit_scoring(session, worker, case, "study.score.start", details={"attempt": job.attempts})
             claims.append(Claim(job.id, case.id, job.attempts, case.sha256, case.media_type))
     return claims
@@ -114,14 +120,14 @@ def finishing(
         held = [
             claim
             for claim in claims
-            if (job := jobs[claim.job_id]).status == "running"
+            if (job := jobs[claim.job_id]).status == JobStatus.RUNNING
             and job.attempts == claim.attempt
             and job.worker == worker
         ]
         cases = _cases(session, [claim.case_id for claim in held])
         yield session, [(claim, cases[claim.case_id]) for claim in held]
         for claim in held:
-            jobs[claim.job_id].status, jobs[claim.job_id].lease_until = "done", None
+            jobs[claim.job_id].status, jobs[claim.job_id].lease_until = JobStatus.DONE, None
 
 
 def audit_scoring(

@@ -11,35 +11,37 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from triage_api.settings import Settings
+from triage_api.vocab import Tier
 
 if TYPE_CHECKING:
     from models.bundle import Thresholds
 
 
-def tier_of(risk: float, thresholds: Thresholds) -> str:
+def tier_of(risk: float, thresholds: Thresholds) -> Tier:
     """The tier of a calibrated risk under a model card's operating thresholds."""
     if risk >= thresholds.critical:
-        return "critical"
+        return Tier.CRITICAL
     if risk >= thresholds.elevated:
-        return "elevated"
-    return "routine"
+        return Tier.ELEVATED
+    return Tier.ROUTINE
 
 
-def sla(tier: str, settings: Settings) -> timedelta:
+def sla(tier: Tier, settings: Settings) -> timedelta:
     """How long a case of ``tier`` may wait for its read."""
     minutes = {
-        "critical": settings.sla_critical_minutes,
-        "elevated": settings.sla_elevated_minutes,
-    }.get(tier, settings.sla_routine_minutes)
+        Tier.CRITICAL: settings.sla_critical_minutes,
+        Tier.ELEVATED: settings.sla_elevated_minutes,
+        Tier.ROUTINE: settings.sla_routine_minutes,
+    }[tier]
     return timedelta(minutes=minutes)
 
 
 def routine_deadline(received_at: datetime, settings: Settings) -> datetime:
     """The deadline of a case not yet scored: every new case starts routine."""
-    return received_at + sla("routine", settings)
+    return received_at + sla(Tier.ROUTINE, settings)
 
 
-def rescored_deadline(current: datetime, received_at: datetime, tier: str, settings: Settings) -> datetime:
+def rescored_deadline(current: datetime, received_at: datetime, tier: Tier, settings: Settings) -> datetime:
     """The deadline after a (re)score: a score may move a deadline earlier, never later.
 
     A reader's manual move (:func:`triage_api.reading.reprioritise`) is the one way to

@@ -35,6 +35,7 @@ from triage_api.jobs import Claim
 from triage_api.priority import rescored_deadline, tier_of
 from triage_api.settings import Settings
 from triage_api.tables import Prediction
+from triage_api.vocab import CaseStatus
 
 log = logging.getLogger("triage.worker")
 
@@ -49,7 +50,7 @@ def batch_bucket(size: int) -> str:
 
 @dataclass(frozen=True)
 class Result:
-    status: str  # scored | not_analyzed | failed
+    status: CaseStatus  # scored | not_analyzed | failed
     reason: str | None = None
     risk: float | None = None
     inference_ms: float | None = None
@@ -159,7 +160,9 @@ class Worker:
         ``inference_ms`` is the batch's forward time divided by the studies in it.
         """
         results = [
-            Result("not_analyzed" if d.status == "not_analyzed" else "failed", reason=d.reason)
+            Result(
+                CaseStatus.NOT_ANALYZED if d.status == "not_analyzed" else CaseStatus.FAILED, reason=d.reason
+            )
             for d in decoded
         ]
         scored = [(index, d.pixels) for index, d in enumerate(decoded) if d.pixels is not None]
@@ -168,7 +171,7 @@ class Worker:
             risks = self.bundle.predict(np.stack([pixels for _, pixels in scored]))
             per_study_ms = (time.perf_counter() - start) * 1000 / len(scored)
             for (index, _), risk in zip(scored, risks, strict=True):
-                results[index] = Result("scored", risk=float(risk), inference_ms=per_study_ms)
+                results[index] = Result(CaseStatus.SCORED, risk=float(risk), inference_ms=per_study_ms)
         return results
 
     def score(self, claims: list[Claim]) -> list[Result]:
@@ -188,7 +191,7 @@ class Worker:
                 result = by_claim[claim]
                 case.status, case.reason = result.status, result.reason
                 details: dict[str, object] = {"attempt": claim.attempt, "status": result.status}
-                if result.status == "scored" and result.risk is not None:
+                if result.status == CaseStatus.SCORED and result.risk is not None:
                     tier = tier_of(result.risk, card.thresholds)
                     session.add(
                         Prediction(
@@ -206,7 +209,7 @@ class Worker:
                     details.update(risk=round(result.risk, 6), tier=tier, model=card.ref)
                 else:
                     details["reason"] = result.reason
-                outcome = Outcome.SUCCESS if result.status != "failed" else Outcome.MINOR_FAILURE
+                outcome = Outcome.SUCCESS if result.status != CaseStatus.FAILED else Outcome.MINOR_FAILURE
                 jobs.audit_scoring(session, self.name, case, f"study.score.{result.status}", outcome, details)
             return len(held)
 

@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.ingest import dicom_224  # noqa: E402
 from triage_api import auth  # noqa: E402
 from triage_api.db import make_engine, make_sessionmaker, migrate, transaction  # noqa: E402
-from triage_api.ingest import JOBS_CHANNEL, accept_study, quiet_pydicom  # noqa: E402
+from triage_api.ingest import accept_study, quiet_pydicom  # noqa: E402
+from triage_api.jobs import JOBS_CHANNEL  # noqa: E402
 from triage_api.settings import Settings  # noqa: E402
 from triage_api.tables import Job, WorkerBeat  # noqa: E402
 

@@ -11,7 +11,7 @@ import textwrap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +28,10 @@ from tests.conftest import DATA, MakeKey, bearer, shared_data, upload, wait_for
 from tests.misbehaving_decoder import CRASH, HANG, decode_or_misbehave
 from triage_api.app import create_app
 from triage_api.decoding import DecodePool, DecodeTask, Gate, decode_study
+from triage_api.jobs import Claim
 from triage_api.settings import Settings
 from triage_api.tables import Case, Job, Prediction
-from triage_api.worker import Claim, Result, Worker, cpu_budget, load_model
+from triage_api.worker import Result, Worker, cpu_budget, load_model
 
 
 @pytest.fixture
@@ -45,8 +46,23 @@ def quiet_client(manual: Settings):  # type: ignore[no-untyped-def]
         yield test_client
 
 
-def new_worker(client: TestClient, settings: Settings) -> Worker:
-    worker = Worker(client.app.state.runtime.factory, settings, load_bundle(settings.model_path))
+class Clock:
+    """A clock that moves only when told: a lease runs out when the test says, however slow the machine."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+def new_worker(client: TestClient, settings: Settings, clock: Clock | None = None) -> Worker:
+    bundle = load_bundle(settings.model_path)
+    factory = client.app.state.runtime.factory
+    worker = Worker(factory, settings, bundle) if clock is None else Worker(factory, settings, bundle, clock)
     worker.name += f":{id(worker)}"  # two workers in one thread must differ
     return worker
 
@@ -67,11 +83,12 @@ def test_expired_lease_is_reclaimed_and_late_write_discarded(
 ) -> None:
     client = quiet_client
     case_id = queue_study(client, make_key("uploader", "north"))
-    crashed, rescuer = new_worker(client, manual), new_worker(client, manual)
+    clock = Clock()
+    crashed, rescuer = new_worker(client, manual, clock), new_worker(client, manual, clock)
     (first,) = crashed.claim()
     assert first.attempt == 1
     assert rescuer.claim() == []  # the lease still holds
-    time.sleep(manual.lease_seconds + 0.2)
+    clock.advance(manual.lease_seconds + 0.2)
     (second,) = rescuer.claim()
     assert second.case_id == case_id and second.attempt == 2
     assert rescuer.finish([second], rescuer.score([second])) == 1
@@ -118,8 +135,9 @@ def test_killed_worker_process_loses_nothing(
         finally:
             os.kill(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
-    time.sleep(manual.lease_seconds + 0.2)
-    assert new_worker(client, manual).run_once() is True
+    clock = Clock()  # the killed process leased the job on the real clock, before now
+    clock.advance(manual.lease_seconds + 0.2)
+    assert new_worker(client, manual, clock).run_once() is True
     (case,) = rows(client, Case)
     assert case.id == case_id and case.status == "scored"
     (job,) = rows(client, Job)
@@ -132,10 +150,11 @@ def test_job_that_keeps_crashing_ends_failed_and_visible(
     client = quiet_client
     key = make_key("uploader", "north")
     case_id = queue_study(client, key)
-    worker = new_worker(client, manual)
+    clock = Clock()
+    worker = new_worker(client, manual, clock)
     for _ in range(manual.max_attempts):
         assert len(worker.claim()) == 1
-        time.sleep(manual.lease_seconds + 0.1)
+        clock.advance(manual.lease_seconds + 0.1)
     assert worker.claim() == []
     (case,) = rows(client, Case)
     assert case.status == "failed" and "gave up after 3 attempts" in (case.reason or "")
@@ -288,12 +307,13 @@ def test_a_partial_batch_waits_once_for_more_jobs(
             queue_study(client, key, name)
 
     monkeypatch.setattr("triage_api.worker.time.sleep", two_more_arrive)
-    worker = new_worker(client, manual.model_copy(update={"batch_size": 4, "batch_wait_ms": 50}))
+    clock = Clock()  # stands still: no lease runs out, however long the machine takes
+    worker = new_worker(client, manual.model_copy(update={"batch_size": 4, "batch_wait_ms": 50}), clock)
     assert len(worker.claim_batch()) == 3  # one waiting, two more during the 50 ms
     assert waits == [0.05]
     assert worker.claim_batch() == []  # nothing waiting: no wait either
     assert waits == [0.05]
-    impatient = new_worker(client, manual.model_copy(update={"batch_size": 4, "batch_wait_ms": 0}))
+    impatient = new_worker(client, manual.model_copy(update={"batch_size": 4, "batch_wait_ms": 0}), clock)
     queue_study(client, key, "dx_thorax_dog_monochrome1.dcm")
     assert len(impatient.claim_batch()) == 1 and waits == [0.05]
 
@@ -483,11 +503,12 @@ def test_a_batch_decoded_ahead_is_still_fenced_by_its_attempt(
     """The pipelined worker's lease on the batch it decoded ahead expires; its late write is discarded."""
     client = quiet_client
     case_id = queue_study(client, make_key("uploader", "north"))
-    slow, rescuer = new_worker(client, manual), new_worker(client, manual)
+    clock = Clock()
+    slow, rescuer = new_worker(client, manual, clock), new_worker(client, manual, clock)
     with DecodePool(1, timeout=60) as pool, ThreadPoolExecutor(1) as feeder:
         slow.pool = pool
         assert slow.run_ahead(feeder) is True  # claimed (attempt 1) and decoding ahead
-        time.sleep(manual.lease_seconds + 0.2)
+        clock.advance(manual.lease_seconds + 0.2)
         (second,) = rescuer.claim()
         assert second.attempt == 2
         assert rescuer.finish([second], rescuer.score([second])) == 1

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import secrets
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -36,6 +36,7 @@ from triage_api import (
     reading_views,
 )
 from triage_api.auth import Role
+from triage_api.blobs import write_atomically
 from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
 from triage_api.deps import Admin, Reader, Runtime, RuntimeDep, Uploader
 from triage_api.errors import Conflict, NotFound, error_body, install_handlers
@@ -52,6 +53,7 @@ from triage_api.schemas import (
 )
 from triage_api.settings import Settings
 from triage_api.tables import User
+from triage_api.vocab import CaseStatus, Tier
 from triage_api.web import views as web_views
 from triage_api.worker import Worker, load_model
 
@@ -95,14 +97,9 @@ class BodyLimit:
 def read_or_create_secret(path: Path, size: int = 32) -> bytes:
     """A site secret kept outside the database, created once with mode 0600."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_bytes()
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(secrets.token_bytes(size))
-        fh.flush()
-        os.fsync(fh.fileno())
+    if not path.exists():
+        with contextlib.suppress(FileExistsError):  # another process created it first: use theirs
+            write_atomically(path, secrets.token_bytes(size), exclusive=True, mode=0o600)
     return path.read_bytes()
 
 
@@ -275,8 +272,8 @@ def _routes(app: FastAPI) -> None:
     def get_worklist(
         runtime: RuntimeDep,
         principal: Reader,
-        status: Annotated[str | None, Query(pattern="^(queued|running|scored|not_analyzed|failed)$")] = None,
-        tier: Annotated[str | None, Query(pattern="^(critical|elevated|routine)$")] = None,
+        status: CaseStatus | None = None,
+        tier: Tier | None = None,
         unread: bool | None = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 100,
         offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 from fastapi.responses import Response
 from sqlalchemy.orm import Session
 
 from triage_api import appeals
 from triage_api.auth import Principal, Role
+from triage_api.blobs import blob_path
 from triage_api.db import transaction
 from triage_api.deps import Admin, Radiologist, RuntimeDep, Uploader, allow
-from triage_api.ingest import blob_path
 from triage_api.schemas import AppealAssign, AppealCreate, AppealDecision, AppealRead, BlindedCase
 from triage_api.tables import Appeal
+from triage_api.vocab import AppealStatus
 
 router = APIRouter()
 
@@ -45,7 +46,7 @@ def file_appeal(runtime: RuntimeDep, principal: Uploader, body: AppealCreate) ->
 def list_appeals(
     runtime: RuntimeDep,
     principal: AnyRole,
-    status: Annotated[str | None, Query(pattern="^(open|assigned|decided)$")] = None,
+    status: AppealStatus | None = None,
 ) -> list[AppealRead]:
     """Appeals the caller may see: a clinic its own, auditors their clinics', readers theirs."""
     with runtime.reads() as session:

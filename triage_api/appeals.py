@@ -19,8 +19,9 @@ from triage_api.cases import scoped_case
 from triage_api.errors import Conflict, InvalidRequest, NotFound
 from triage_api.reading import primary_read
 from triage_api.tables import Appeal, Case, Read, User
+from triage_api.vocab import AppealOutcome, AppealStatus, Finding, ReadKind
 
-OPEN = ("open", "assigned")
+OPEN = (AppealStatus.OPEN, AppealStatus.ASSIGNED)
 
 
 def _audit(session: Session, principal: Principal, action: str, appeal: Appeal, **details: object) -> None:
@@ -55,7 +56,7 @@ def _may_see(principal: Principal, appeal: Appeal) -> bool:
         return True
     if principal.role is Role.RADIOLOGIST:
         return appeal.assigned_to == principal.user_id or (
-            appeal.status == "open" and appeal.clinic_id in principal.clinic_ids
+            appeal.status == AppealStatus.OPEN and appeal.clinic_id in principal.clinic_ids
         )
     return appeal.clinic_id in principal.clinic_ids
 
@@ -66,7 +67,7 @@ def list_appeals(session: Session, *, principal: Principal, status: str | None =
     if principal.role is Role.RADIOLOGIST:
         query = query.where(
             (Appeal.assigned_to == principal.user_id)
-            | ((Appeal.status == "open") & Appeal.clinic_id.in_(principal.clinic_ids))
+            | ((Appeal.status == AppealStatus.OPEN) & Appeal.clinic_id.in_(principal.clinic_ids))
         )
     elif principal.role is not Role.ADMIN:
         query = query.where(Appeal.clinic_id.in_(principal.clinic_ids))
@@ -105,7 +106,7 @@ def file_appeal(
         category=category,
         grounds=grounds,
         contact_reference=contact_reference,
-        status="open",
+        status=AppealStatus.OPEN,
         due_at=now + timedelta(hours=due_hours),
         created_at=now,
     )
@@ -116,7 +117,7 @@ def file_appeal(
 
 
 def _assign(session: Session, appeal: Appeal, reader: User) -> None:
-    if appeal.status != "open":
+    if appeal.status != AppealStatus.OPEN:
         raise Conflict(f"the appeal is {appeal.status}")
     if reader.role != Role.RADIOLOGIST.value or reader.disabled:
         raise InvalidRequest("an appeal is read by an active radiologist")
@@ -125,7 +126,7 @@ def _assign(session: Session, appeal: Appeal, reader: User) -> None:
     first = primary_read(session, appeal.case_id)
     if first is not None and first.reader_id == reader.id:
         raise Conflict("the first reader cannot be the appeal's second reader")
-    appeal.assigned_to, appeal.status = reader.id, "assigned"
+    appeal.assigned_to, appeal.status = reader.id, AppealStatus.ASSIGNED
 
 
 def take_appeal(session: Session, *, principal: Principal, appeal_id: int) -> Appeal:
@@ -154,7 +155,7 @@ def assigned_appeal(session: Session, principal: Principal, appeal_id: int) -> t
         NotFound: not an appeal assigned to the caller.
     """
     appeal = session.get(Appeal, appeal_id)
-    if appeal is None or appeal.assigned_to != principal.user_id or appeal.status != "assigned":
+    if appeal is None or appeal.assigned_to != principal.user_id or appeal.status != AppealStatus.ASSIGNED:
         raise NotFound("no such appeal assigned to you")
     return appeal, session.get_one(Case, appeal.case_id)
 
@@ -171,8 +172,8 @@ def decide(
     *,
     principal: Principal,
     appeal_id: int,
-    finding: str,
-    outcome: str,
+    finding: Finding,
+    outcome: AppealOutcome,
     rationale: str,
 ) -> tuple[Appeal, Read]:
     """The second reader records their read and the outcome that goes back to the clinic."""
@@ -181,7 +182,7 @@ def decide(
     read = Read(
         case_id=case.id,
         reader_id=principal.user_id,
-        kind="appeal",
+        kind=ReadKind.APPEAL,
         appeal_id=appeal.id,
         finding=finding,
         agrees_with_ai=None,
@@ -193,7 +194,8 @@ def decide(
         created_at=now,
     )
     session.add(read)
-    appeal.status, appeal.outcome, appeal.rationale, appeal.decided_at = "decided", outcome, rationale, now
+    appeal.status, appeal.outcome = AppealStatus.DECIDED, outcome
+    appeal.rationale, appeal.decided_at = rationale, now
     session.flush()
     _audit(session, principal, "appeal.decide", appeal, outcome=outcome, finding=finding, read_id=read.id)
     return appeal, read
@@ -201,5 +203,5 @@ def decide(
 
 def second_read(session: Session, appeal: Appeal) -> Read | None:
     return session.execute(
-        select(Read).where(Read.appeal_id == appeal.id, Read.kind == "appeal")
+        select(Read).where(Read.appeal_id == appeal.id, Read.kind == ReadKind.APPEAL)
     ).scalar_one_or_none()

@@ -11,6 +11,7 @@ from audit.log import EventCode, record
 from triage_api.auth import Principal, Role
 from triage_api.errors import NotFound, NotPermitted
 from triage_api.tables import Appeal, Case, Prediction
+from triage_api.vocab import AppealStatus
 
 
 def scoped_case(session: Session, principal: Principal, case_id: str) -> Case:
@@ -29,7 +30,9 @@ def appeal_reader_of(session: Session, principal: Principal, case_id: str) -> Ap
     """The open appeal on ``case_id`` that ``principal`` is the blinded second reader of."""
     return session.execute(
         select(Appeal).where(
-            Appeal.case_id == case_id, Appeal.assigned_to == principal.user_id, Appeal.status == "assigned"
+            Appeal.case_id == case_id,
+            Appeal.assigned_to == principal.user_id,
+            Appeal.status == AppealStatus.ASSIGNED,
         )
     ).scalar_one_or_none()
 
@@ -82,7 +85,7 @@ def worklist(
     query = select(Case).where(Case.clinic_id.in_(principal.clinic_ids))
     if principal.role is Role.RADIOLOGIST:  # an appeal's second reader meets the case only blinded
         blinded = select(Appeal.case_id).where(
-            Appeal.assigned_to == principal.user_id, Appeal.status == "assigned"
+            Appeal.assigned_to == principal.user_id, Appeal.status == AppealStatus.ASSIGNED
         )
         query = query.where(Case.id.not_in(blinded))
     if status is not None:

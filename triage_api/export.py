@@ -9,7 +9,7 @@ pixels are not exported until de-identification exists. The export is audited (1
 from __future__ import annotations
 
 import csv
-import os
+import io
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -18,7 +18,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from audit.log import EventCode, record
+from triage_api.blobs import write_atomically
 from triage_api.tables import Appeal, Case, Read
+from triage_api.vocab import AppealStatus
 
 COLUMNS = (
     "case_id",
@@ -70,7 +72,9 @@ def export_reads(
     pending = (
         set(
             session.execute(
-                select(Appeal.case_id).where(Appeal.case_id.in_(ids), Appeal.status.in_(("open", "assigned")))
+                select(Appeal.case_id).where(
+                    Appeal.case_id.in_(ids), Appeal.status.in_((AppealStatus.OPEN, AppealStatus.ASSIGNED))
+                )
             ).scalars()
         )
         if ids
@@ -104,14 +108,11 @@ def export_reads(
                 read.created_at.isoformat(),
             )
         )
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(COLUMNS)
-        writer.writerows(rows)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, out)
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(COLUMNS)
+    writer.writerows(rows)
+    write_atomically(out, table.getvalue().encode())
     summary = ExportSummary(len(rows), len(pending), shown)
     record(
         session,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Annotated, Any
 
 import numpy as np
@@ -21,20 +22,19 @@ from audit.copies import copied_head
 from triage_api.auth import Principal, Role
 from triage_api.deps import RuntimeDep, allow
 from triage_api.tables import Case, Job, Prediction, WorkerBeat
+from triage_api.vocab import CaseStatus, JobStatus
 from triage_api.worker import BATCH_BUCKETS
 
 router = APIRouter()
 
 Operator = Annotated[Principal, allow(Role.ADMIN, Role.AUDITOR)]
 ALIVE_SECONDS = 30.0
-JOB_STATUSES = ("queued", "running", "done", "dead")
-CASE_STATUSES = ("queued", "running", "scored", "not_analyzed", "failed")
 
 
-def _counts(session: Session, column: Any, statuses: tuple[str, ...]) -> dict[str, int]:
+def _counts(session: Session, column: Any, statuses: type[StrEnum]) -> dict[str, int]:
     rows = session.execute(select(column, func.count().label("n")).group_by(column))
     found = {str(row[0]): int(row.n) for row in rows}
-    return {status: found.get(status, 0) for status in statuses}
+    return {str(status): found.get(status, 0) for status in statuses}
 
 
 def _fleet(session: Session, now: datetime) -> list[dict[str, Any]]:
@@ -96,13 +96,14 @@ def health(runtime: RuntimeDep, principal: Operator) -> dict[str, Any]:
     """Queue depth, workers' heartbeats and the model they run."""
     now = datetime.now(UTC)
     with runtime.reads() as session:
-        jobs = _counts(session, Job.status, JOB_STATUSES)
+        jobs = _counts(session, Job.status, JobStatus)
         workers = _fleet(session, now)
-        oldest = session.execute(select(func.min(Job.available_at)).where(Job.status == "queued")).scalar()
+        queued = select(func.min(Job.available_at)).where(Job.status == JobStatus.QUEUED)
+        oldest = session.execute(queued).scalar()
         audit = tail_status(session, copied_head(runtime.settings.audit_copy_path))
     alive = any(w["alive"] for w in workers)
     return {
-        "status": "ok" if (alive or jobs["queued"] == 0) and audit["ok"] else "degraded",
+        "status": "ok" if (alive or jobs[JobStatus.QUEUED] == 0) and audit["ok"] else "degraded",
         "database": "ok",
         "audit": audit,
         "jobs": jobs,
@@ -116,8 +117,8 @@ def metrics(runtime: RuntimeDep, principal: Operator) -> str:
     """Prometheus exposition: queue depth, cases by status, workers, batch sizes, time to score."""
     now = datetime.now(UTC)
     with runtime.reads() as session:
-        jobs = _counts(session, Job.status, JOB_STATUSES)
-        cases = _counts(session, Case.status, CASE_STATUSES)
+        jobs = _counts(session, Job.status, JobStatus)
+        cases = _counts(session, Case.status, CaseStatus)
         workers = _fleet(session, now)
         waits = _time_to_score(session, now)
         audit = tail_status(session, copied_head(runtime.settings.audit_copy_path))

@@ -8,10 +8,7 @@ file next to its blob, named by the model version that made it.
 from __future__ import annotations
 
 import io
-import os
 import threading
-import uuid
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -30,9 +27,10 @@ from models.preprocess import (
     to_input,
 )
 from triage_api.auth import Principal
+from triage_api.blobs import blob_path, write_atomically
 from triage_api.cases import unblinded_case
 from triage_api.errors import InvalidStudy, NotFound
-from triage_api.ingest import DICOM, blob_path
+from triage_api.ingest import DICOM
 from triage_api.settings import Settings
 from triage_api.tables import Case
 
@@ -158,17 +156,8 @@ def heatmap_png(case: Case, settings: Settings) -> bytes:
         return cached.read_bytes()
     data = source.read_bytes()
     png = _heatmap_png(bundle, data, case.media_type)
-    _write_atomically(cached, png)
+    write_atomically(cached, png)
     return png
-
-
-def _write_atomically(target: Path, data: bytes) -> None:
-    tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
 
 
 def image_case(session: Session, *, principal: Principal, case_id: str) -> Case:

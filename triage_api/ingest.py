@@ -13,30 +13,29 @@ import hashlib
 import hmac
 import io
 import logging
-import os
 import struct
 import uuid
 import warnings
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from datetime import UTC, datetime
 
 import pydicom
 from PIL import Image
 from pydicom.uid import DeflatedExplicitVRLittleEndian
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from audit.log import EventCode, record
 from models.preprocess import age_band
+from triage_api import jobs
 from triage_api.auth import Principal
+from triage_api.blobs import store_blob
 from triage_api.errors import InvalidStudy, NotPermitted, UnsupportedMediaType
+from triage_api.priority import routine_deadline
 from triage_api.settings import Settings
-from triage_api.tables import Case, Job
-
-JOBS_CHANNEL = "triage_jobs"
-"""PostgreSQL NOTIFY channel that wakes idle workers when a job is queued."""
+from triage_api.tables import Case
+from triage_api.vocab import CaseStatus, Tier
 
 DICOM = "application/dicom"
 PNG = "image/png"
@@ -186,40 +185,11 @@ def validate(data: bytes, settings: Settings) -> StudyFacts:
     return check_picture(data, media_type, settings.max_decoded_bytes)
 
 
-def store_blob(blob_dir: Path, data: bytes) -> str:
-    """Write ``data`` under its sha256 (content-addressed), fsynced; return the digest."""
-    digest = hashlib.sha256(data).hexdigest()
-    target = blob_path(blob_dir, digest)
-    if target.exists():
-        return digest
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{digest}.{uuid.uuid4().hex}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return digest
-
-
-def blob_path(blob_dir: Path, digest: str) -> Path:
-    return blob_dir / digest[:2] / digest
-
-
 def pseudonym(key: bytes, patient_id: str | None) -> str | None:
     """Keyed pseudonym of a patient ID (HMAC-SHA256): stable per site, not reversible."""
     if not patient_id:
         return None
     return hmac.new(key, patient_id.encode(), hashlib.sha256).hexdigest()
-
-
-def routine_deadline(received_at: datetime, settings: Settings) -> datetime:
-    return received_at + timedelta(minutes=settings.sla_routine_minutes)
 
 
 def accept_study(
@@ -257,10 +227,10 @@ def accept_study(
         sha256=digest,
         media_type=facts.media_type,
         size_bytes=len(data),
-        status="queued",
+        status=CaseStatus.QUEUED,
         received_at=now,
         deadline=routine_deadline(now, settings),
-        tier="routine",
+        tier=Tier.ROUTINE,
         modality=facts.modality,
         body_part=facts.body_part,
         view_position=facts.view_position,
@@ -273,10 +243,8 @@ def accept_study(
     try:
         with factory() as session, session.begin():
             session.add(case)
-            session.add(Job(case_id=case.id, status="queued", attempts=0, available_at=now))
             session.flush()
-            if session.get_bind().dialect.name == "postgresql":
-                session.execute(text(f"NOTIFY {JOBS_CHANNEL}"))  # delivered on commit
+            jobs.enqueue(session, case.id, now)
             record(
                 session,
                 actor=principal.actor,

@@ -28,6 +28,7 @@ from triage_api.auth import Principal, Role
 from triage_api.errors import NotFound
 from triage_api.settings import Settings
 from triage_api.tables import Alert, Appeal, Case, Read
+from triage_api.vocab import AppealStatus, CaseStatus, ReadKind, Tier
 
 RISK_BINS = np.asarray(RISK_BIN_EDGES)  # exact decimal edges: 0.3 falls in [0.3, 0.4)
 
@@ -215,7 +216,7 @@ def _metrics_for(session: Session, ref: str, cases: list[Case], previous: np.nda
         {
             r.case_id: r
             for r in session.execute(
-                select(Read).where(Read.case_id.in_(ids), Read.kind == "primary")
+                select(Read).where(Read.case_id.in_(ids), Read.kind == ReadKind.PRIMARY)
             ).scalars()
         }
         if ids
@@ -233,12 +234,12 @@ def _metrics_for(session: Session, ref: str, cases: list[Case], previous: np.nda
     with_ai = [r for r in primary.values() if r.agrees_with_ai is not None]
     overrides = [r for r in with_ai if r.agrees_with_ai is False]
     appeals = list(session.execute(select(Appeal).where(Appeal.case_id.in_(ids))).scalars()) if ids else []
-    decided = [a for a in appeals if a.status == "decided"]
+    decided = [a for a in appeals if a.status == AppealStatus.DECIDED]
     to_read: dict[str, list[float]] = defaultdict(list)
     for case in cases:
         if case.read_at is not None:
             to_read[case.tier].append((case.read_at - case.received_at).total_seconds())
-    not_analyzed = Counter(c.reason or "unknown" for c in cases if c.status == "not_analyzed")
+    not_analyzed = Counter(c.reason or "unknown" for c in cases if c.status == CaseStatus.NOT_ANALYZED)
     risks = np.asarray([c.risk for c in cases if c.risk is not None], dtype=float)
     value = auroc(scores, labels) if len(scores) else None
     return {
@@ -267,9 +268,7 @@ def _metrics_for(session: Session, ref: str, cases: list[Case], previous: np.nda
                 else None
             ),
         },
-        "time_to_first_read": {
-            tier: _quantiles(to_read.get(tier, [])) for tier in ("critical", "elevated", "routine")
-        },
+        "time_to_first_read": {tier: _quantiles(to_read.get(tier, [])) for tier in Tier},
         "not_analyzed": {
             "share": sum(not_analyzed.values()) / len(cases) if cases else None,
             "by_reason": dict(not_analyzed),

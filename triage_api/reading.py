@@ -15,9 +15,10 @@ from audit.log import EventCode, record
 from triage_api.auth import Principal, Role
 from triage_api.cases import unblinded_case
 from triage_api.errors import Conflict, InvalidRequest, NotFound, NotPermitted
+from triage_api.priority import sla
 from triage_api.settings import Settings
 from triage_api.tables import Case, Read, Reprioritisation
-from triage_api.worker import sla
+from triage_api.vocab import Finding, OverrideReason, ReadKind, Tier
 
 
 def _audit(session: Session, principal: Principal, action: str, case: Case, **details: object) -> None:
@@ -77,9 +78,9 @@ def record_read(
     *,
     principal: Principal,
     case_id: str,
-    finding: str,
+    finding: Finding,
     agrees_with_ai: bool | None,
-    override_reason: str | None,
+    override_reason: OverrideReason | None,
     note: str | None,
     ai_score_shown: bool,
 ) -> Read:
@@ -110,7 +111,7 @@ def record_read(
     read = Read(
         case_id=case.id,
         reader_id=principal.user_id,
-        kind="primary",
+        kind=ReadKind.PRIMARY,
         finding=finding,
         agrees_with_ai=agrees_with_ai,
         override_reason=override_reason,
@@ -143,7 +144,7 @@ def reprioritise(
     *,
     principal: Principal,
     case_id: str,
-    tier: str,
+    tier: Tier,
     reason: str,
     note: str | None,
     settings: Settings,
@@ -177,5 +178,5 @@ def reprioritise(
 
 def primary_read(session: Session, case_id: str) -> Read | None:
     return session.execute(
-        select(Read).where(Read.case_id == case_id, Read.kind == "primary")
+        select(Read).where(Read.case_id == case_id, Read.kind == ReadKind.PRIMARY)
     ).scalar_one_or_none()

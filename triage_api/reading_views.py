@@ -9,9 +9,9 @@ from fastapi.responses import Response
 
 from triage_api import imaging, reading
 from triage_api.auth import Principal, Role
+from triage_api.blobs import blob_path
 from triage_api.db import transaction
 from triage_api.deps import Radiologist, Reader, RuntimeDep, allow
-from triage_api.ingest import blob_path
 from triage_api.schemas import ClaimOut, PriorityChange, ReadCreate, ReadOut, WorklistItem, worklist_item
 
 router = APIRouter()

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from triage_api.auth import Role
 from triage_api.tables import Case, Prediction, Read
+from triage_api.vocab import (
+    AppealCategory,
+    AppealOutcome,
+    AppealStatus,
+    CaseStatus,
+    Finding,
+    OverrideReason,
+    PriorityReason,
+    ReadKind,
+    Tier,
+)
 
 
 class StudyCreated(BaseModel):
     id: str
-    status: str
+    status: CaseStatus
     sha256: str
     received_at: datetime
     deadline: datetime
@@ -22,7 +32,7 @@ class StudyCreated(BaseModel):
 class PredictionRead(BaseModel):
     model_ref: str
     risk: float
-    tier: str
+    tier: Tier
     attempt: int
     inference_ms: float
     created_at: datetime
@@ -31,10 +41,10 @@ class PredictionRead(BaseModel):
 class WorklistItem(BaseModel):
     id: str
     clinic_id: int
-    status: str
+    status: CaseStatus
     reason: str | None
     risk: float | None
-    tier: str
+    tier: Tier
     deadline: datetime
     waited_seconds: float
     model_version: str | None
@@ -77,19 +87,6 @@ class KeyRevoked(BaseModel):
     revoked_at: datetime
 
 
-Finding = Literal["normal", "pneumonia", "other_finding", "non_diagnostic"]
-OverrideReason = Literal[
-    "false_positive", "false_negative", "image_quality", "outside_intended_use", "clinical_context", "other"
-]
-PriorityReason = Literal[
-    "clinical_urgency", "clinical_context", "image_quality", "requested_by_clinic", "other"
-]
-Tier = Literal["critical", "elevated", "routine"]
-AppealCategory = Literal["read_too_late", "disagree_with_result", "ai_should_not_have_been_applied", "other"]
-AppealOutcome = Literal["upheld", "overturned", "partially"]
-"""About the original result: upheld (it stands), overturned (changed), partially (amended)."""
-
-
 class ReadCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -104,10 +101,10 @@ class ReadOut(BaseModel):
     id: int
     case_id: str
     reader_id: int
-    kind: str
-    finding: str
+    kind: ReadKind
+    finding: Finding
     agrees_with_ai: bool | None
-    override_reason: str | None
+    override_reason: OverrideReason | None
     ai_score_shown: bool
     created_at: datetime
 
@@ -157,17 +154,17 @@ class AppealRead(BaseModel):
     id: int
     case_id: str
     clinic_id: int
-    category: str
+    category: AppealCategory
     grounds: str
     contact_reference: str
-    status: str
+    status: AppealStatus
     due_at: datetime
     assigned_to: int | None
-    outcome: str | None
+    outcome: AppealOutcome | None
     rationale: str | None
     decided_at: datetime | None
     created_at: datetime
-    second_read_finding: str | None
+    second_read_finding: Finding | None
 
 
 class BlindedCase(BaseModel):

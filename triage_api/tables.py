@@ -19,6 +19,19 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from triage_api.vocab import (
+    AppealCategory,
+    AppealOutcome,
+    AppealStatus,
+    CaseStatus,
+    Finding,
+    JobStatus,
+    OverrideReason,
+    PriorityReason,
+    ReadKind,
+    Tier,
+)
+
 
 class UTCDateTime(TypeDecorator[datetime]):
     """Timezone-aware UTC datetimes on every backend (SQLite stores them naive)."""
@@ -122,11 +135,11 @@ class Case(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     media_type: Mapped[str] = mapped_column(String(40))
     size_bytes: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(20), index=True)
+    status: Mapped[CaseStatus] = mapped_column(String(20), index=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime)
     deadline: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
-    tier: Mapped[str] = mapped_column(String(20))
+    tier: Mapped[Tier] = mapped_column(String(20))
     risk: Mapped[float | None] = mapped_column(Float, nullable=True)
     model_ref: Mapped[str | None] = mapped_column(String(100), nullable=True)
     modality: Mapped[str | None] = mapped_column(String(16), nullable=True)
@@ -151,7 +164,7 @@ class Job(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     case_id: Mapped[str] = mapped_column(ForeignKey("cases.id"), unique=True)
-    status: Mapped[str] = mapped_column(String(20), index=True)
+    status: Mapped[JobStatus] = mapped_column(String(20), index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(100), nullable=True)
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -169,7 +182,7 @@ class Prediction(Base):
     attempt: Mapped[int] = mapped_column(Integer)
     model_ref: Mapped[str] = mapped_column(String(100))
     risk: Mapped[float] = mapped_column(Float)
-    tier: Mapped[str] = mapped_column(String(20))
+    tier: Mapped[Tier] = mapped_column(String(20))
     inference_ms: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
@@ -182,11 +195,11 @@ class Read(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     case_id: Mapped[str] = mapped_column(ForeignKey("cases.id"), index=True)
     reader_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
-    kind: Mapped[str] = mapped_column(String(20))  # primary | appeal
+    kind: Mapped[ReadKind] = mapped_column(String(20))
     appeal_id: Mapped[int | None] = mapped_column(ForeignKey("appeals.id"), nullable=True)
-    finding: Mapped[str] = mapped_column(String(30))
+    finding: Mapped[Finding] = mapped_column(String(30))
     agrees_with_ai: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
-    override_reason: Mapped[str | None] = mapped_column(String(30), nullable=True)
+    override_reason: Mapped[OverrideReason | None] = mapped_column(String(30), nullable=True)
     note: Mapped[str | None] = mapped_column(Text, nullable=True)
     ai_score_shown: Mapped[bool] = mapped_column(Boolean)
     ai_risk: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -205,7 +218,7 @@ class Reprioritisation(Base):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
     old_deadline: Mapped[datetime] = mapped_column(UTCDateTime)
     new_deadline: Mapped[datetime] = mapped_column(UTCDateTime)
-    reason: Mapped[str] = mapped_column(String(30))
+    reason: Mapped[PriorityReason] = mapped_column(String(30))
     note: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
@@ -219,13 +232,13 @@ class Appeal(Base):
     case_id: Mapped[str] = mapped_column(ForeignKey("cases.id"), index=True)
     clinic_id: Mapped[int] = mapped_column(ForeignKey("clinics.id"), index=True)
     filed_by: Mapped[int] = mapped_column(ForeignKey("users.id"))
-    category: Mapped[str] = mapped_column(String(40))
+    category: Mapped[AppealCategory] = mapped_column(String(40))
     grounds: Mapped[str] = mapped_column(Text)
     contact_reference: Mapped[str] = mapped_column(String(100))
-    status: Mapped[str] = mapped_column(String(20), index=True)  # open | assigned | decided
+    status: Mapped[AppealStatus] = mapped_column(String(20), index=True)
     due_at: Mapped[datetime] = mapped_column(UTCDateTime)
     assigned_to: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True, index=True)
-    outcome: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    outcome: Mapped[AppealOutcome | None] = mapped_column(String(20), nullable=True)
     rationale: Mapped[str | None] = mapped_column(Text, nullable=True)
     decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -1,40 +1,41 @@
-"""The scoring worker: claim jobs under a lease, score them in a batch, write results fenced.
+"""The scoring worker: claim a batch of jobs, decode, score them in one forward pass, finish.
 
 The same code runs in the API process (the embedded default) and as separate
-``triage worker`` processes. A worker that dies mid-job loses nothing: its lease expires
-and another worker claims the job again; a late write from the dead attempt is discarded
-because the result is fenced by the attempt number. With ``decode_workers`` set, studies
-are decoded in a pool of processes (:mod:`triage_api.decoding`) one batch ahead of the
-forward pass.
+``triage worker`` processes. Leases, fencing, dead letters and heartbeats are the job
+queue's (:mod:`triage_api.jobs`); this module is the scoring loop around it. With
+``decode_workers`` set, studies are decoded in a pool of processes
+(:mod:`triage_api.decoding`) one batch ahead of the forward pass.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
-import psycopg
 import torch
-from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from audit.log import EventCode, Outcome, record
-from models.bundle import Bundle, ModelCard, load_bundle
-from triage_api.db import transaction
+from audit.log import Outcome
+from models.bundle import Bundle, load_bundle
+from triage_api import jobs
+from triage_api.blobs import blob_path
 from triage_api.decoding import Decoded, DecodePool, DecodeTask, Gate, decode_study
-from triage_api.ingest import DICOM, JOBS_CHANNEL, blob_path
+from triage_api.ingest import DICOM
+from triage_api.jobs import Claim
+from triage_api.priority import rescored_deadline, tier_of
 from triage_api.settings import Settings
-from triage_api.tables import Case, Job, Prediction, WorkerBeat
+from triage_api.tables import Prediction
+from triage_api.vocab import CaseStatus
 
 log = logging.getLogger("triage.worker")
 
@@ -48,17 +49,8 @@ def batch_bucket(size: int) -> str:
 
 
 @dataclass(frozen=True)
-class Claim:
-    job_id: int
-    case_id: str
-    attempt: int
-    sha256: str
-    media_type: str
-
-
-@dataclass(frozen=True)
 class Result:
-    status: str  # scored | not_analyzed | failed
+    status: CaseStatus  # scored | not_analyzed | failed
     reason: str | None = None
     risk: float | None = None
     inference_ms: float | None = None
@@ -70,28 +62,6 @@ class _Ahead:
 
     claims: list[Claim]
     decoded: Future[list[Decoded]]
-
-
-class _Listener:
-    """A dedicated PostgreSQL connection that LISTENs for new jobs."""
-
-    def __init__(self, factory: sessionmaker[Session]) -> None:
-        with factory() as session:
-            url = session.get_bind().engine.url.set(drivername="postgresql")
-        self.connection = psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
-        self.connection.execute(f"LISTEN {JOBS_CHANNEL}")
-
-    def wait(self, timeout: float) -> bool:
-        """Block until a notification or ``timeout``; False if the connection is unusable."""
-        try:
-            for _ in self.connection.notifies(timeout=timeout, stop_after=1):
-                pass
-            return True
-        except psycopg.Error:
-            return False
-
-    def close(self) -> None:
-        self.connection.close()
 
 
 def cpu_budget(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
@@ -124,36 +94,23 @@ def load_model(settings: Settings) -> Bundle:
     return load_bundle(settings.model_path, settings.device, compile=settings.compile_model)
 
 
-def _cases(session: Session, ids: list[str]) -> dict[str, Case]:
-    """The cases of a batch, loaded with one query."""
-    return {case.id: case for case in session.execute(select(Case).where(Case.id.in_(ids))).scalars()}
-
-
-def tier_of(risk: float, card: ModelCard) -> str:
-    if risk >= card.thresholds.critical:
-        return "critical"
-    if risk >= card.thresholds.elevated:
-        return "elevated"
-    return "routine"
-
-
-def sla(tier: str, settings: Settings) -> timedelta:
-    minutes = {
-        "critical": settings.sla_critical_minutes,
-        "elevated": settings.sla_elevated_minutes,
-    }.get(tier, settings.sla_routine_minutes)
-    return timedelta(minutes=minutes)
-
-
 class Worker:
     """Claims and scores batches of jobs against the shared database and blob store."""
 
-    def __init__(self, factory: sessionmaker[Session], settings: Settings, bundle: Bundle) -> None:
+    def __init__(
+        self,
+        factory: sessionmaker[Session],
+        settings: Settings,
+        bundle: Bundle,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
         self.factory = factory
         self.settings = settings
         self.bundle = bundle
+        self.clock = clock
+        """Now, for leases and timestamps; tests pass a clock that moves only when told."""
         self.name = f"worker:{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
-        self.started_at = datetime.now(UTC)
+        self.started_at = clock()
         self.batches = self.studies = 0
         self.batch_sizes: Counter[str] = Counter()
         """Batches finished, by :func:`batch_bucket`."""
@@ -165,40 +122,15 @@ class Worker:
         self._ahead: _Ahead | None = None
 
     def claim(self, limit: int = 1) -> list[Claim]:
-        """Take up to ``limit`` of the oldest queued jobs, or jobs whose lease expired.
-
-        Commits at once: no transaction is held while scoring. On PostgreSQL the rows are
-        locked with ``SKIP LOCKED`` so that concurrent workers take different jobs; a job
-        past ``max_attempts`` becomes a dead letter and its case ``failed``, visibly.
-        """
-        now = datetime.now(UTC)
-        claims: list[Claim] = []
-        with transaction(self.factory) as session:
-            query = (
-                select(Job)
-                .where(or_(Job.status == "queued", and_(Job.status == "running", Job.lease_until < now)))
-                .order_by(Job.id)
-                .limit(limit)
-            )
-            if session.get_bind().dialect.name == "postgresql":
-                query = query.with_for_update(skip_locked=True)
-            jobs = session.execute(query).scalars().all()
-            cases = _cases(session, [job.case_id for job in jobs])
-            for job in jobs:
-                case = cases[job.case_id]
-                job.attempts += 1
-                if job.attempts > self.settings.max_attempts:
-                    job.status, job.lease_until = "dead", None
-                    case.status = "failed"
-                    case.reason = f"scoring gave up after {self.settings.max_attempts} attempts"
-                    self._audit(session, case, "study.score.failed", Outcome.SERIOUS_FAILURE)
-                    continue
-                job.status, job.worker = "running", self.name
-                job.lease_until = now + timedelta(seconds=self.settings.lease_seconds)
-                case.status = "running"
-                self._audit(session, case, "study.score.start", details={"attempt": job.attempts})
-                claims.append(Claim(job.id, case.id, job.attempts, case.sha256, case.media_type))
-        return claims
+        """Take up to ``limit`` jobs under this worker's lease (see :func:`triage_api.jobs.claim`)."""
+        return jobs.claim(
+            self.factory,
+            worker=self.name,
+            limit=limit,
+            lease=timedelta(seconds=self.settings.lease_seconds),
+            max_attempts=self.settings.max_attempts,
+            now=self.clock(),
+        )
 
     def claim_batch(self) -> list[Claim]:
         """Claim up to ``batch_size`` jobs; if fewer were waiting, wait ``batch_wait_ms``
@@ -228,7 +160,9 @@ class Worker:
         ``inference_ms`` is the batch's forward time divided by the studies in it.
         """
         results = [
-            Result("not_analyzed" if d.status == "not_analyzed" else "failed", reason=d.reason)
+            Result(
+                CaseStatus.NOT_ANALYZED if d.status == "not_analyzed" else CaseStatus.FAILED, reason=d.reason
+            )
             for d in decoded
         ]
         scored = [(index, d.pixels) for index, d in enumerate(decoded) if d.pixels is not None]
@@ -237,7 +171,7 @@ class Worker:
             risks = self.bundle.predict(np.stack([pixels for _, pixels in scored]))
             per_study_ms = (time.perf_counter() - start) * 1000 / len(scored)
             for (index, _), risk in zip(scored, risks, strict=True):
-                results[index] = Result("scored", risk=float(risk), inference_ms=per_study_ms)
+                results[index] = Result(CaseStatus.SCORED, risk=float(risk), inference_ms=per_study_ms)
         return results
 
     def score(self, claims: list[Claim]) -> list[Result]:
@@ -251,20 +185,14 @@ class Worker:
             How many were written; a claim whose lease was lost to another worker is skipped.
         """
         card = self.bundle.card
-        written = 0
-        with transaction(self.factory) as session:
-            locked = select(Job).where(Job.id.in_([c.job_id for c in claims])).order_by(Job.id)
-            jobs = {job.id: job for job in session.execute(locked.with_for_update()).scalars()}
-            cases = _cases(session, [claim.case_id for claim in claims])
-            for claim, result in zip(claims, results, strict=True):
-                job = jobs[claim.job_id]
-                if job.status != "running" or job.attempts != claim.attempt or job.worker != self.name:
-                    continue
-                case = cases[claim.case_id]
+        by_claim = dict(zip(claims, results, strict=True))
+        with jobs.finishing(self.factory, claims, worker=self.name) as (session, held):
+            for claim, case in held:
+                result = by_claim[claim]
                 case.status, case.reason = result.status, result.reason
                 details: dict[str, object] = {"attempt": claim.attempt, "status": result.status}
-                if result.status == "scored" and result.risk is not None:
-                    tier = tier_of(result.risk, card)
+                if result.status == CaseStatus.SCORED and result.risk is not None:
+                    tier = tier_of(result.risk, card.thresholds)
                     session.add(
                         Prediction(
                             case_id=case.id,
@@ -273,20 +201,17 @@ class Worker:
                             risk=result.risk,
                             tier=tier,
                             inference_ms=result.inference_ms or 0.0,
-                            created_at=datetime.now(UTC),
+                            created_at=self.clock(),
                         )
                     )
                     case.risk, case.tier, case.model_ref = result.risk, tier, card.ref
-                    # A rescore may move a deadline earlier, never later.
-                    case.deadline = min(case.deadline, case.received_at + sla(tier, self.settings))
+                    case.deadline = rescored_deadline(case.deadline, case.received_at, tier, self.settings)
                     details.update(risk=round(result.risk, 6), tier=tier, model=card.ref)
                 else:
                     details["reason"] = result.reason
-                job.status, job.lease_until = "done", None
-                outcome = Outcome.SUCCESS if result.status != "failed" else Outcome.MINOR_FAILURE
-                self._audit(session, case, f"study.score.{result.status}", outcome, details)
-                written += 1
-        return written
+                outcome = Outcome.SUCCESS if result.status != CaseStatus.FAILED else Outcome.MINOR_FAILURE
+                jobs.audit_scoring(session, self.name, case, f"study.score.{result.status}", outcome, details)
+            return len(held)
 
     def run_once(self) -> bool:
         """Claim, score and finish one batch; False when there was nothing to do."""
@@ -331,19 +256,17 @@ class Worker:
         """Record that this worker is alive (at most every ``every_seconds``)."""
         if time.monotonic() - self._last_beat < every_seconds:
             return
-        with transaction(self.factory) as session:
-            beat = session.get(WorkerBeat, self.name)
-            if beat is None:
-                beat = WorkerBeat(
-                    name=self.name,
-                    device=str(self.bundle.device),
-                    model_ref=self.bundle.card.ref,
-                    started_at=self.started_at,
-                )
-                session.add(beat)
-            beat.last_seen = datetime.now(UTC)
-            beat.batches, beat.studies = self.batches, self.studies
-            beat.batch_sizes = json.dumps(dict(self.batch_sizes), sort_keys=True)
+        jobs.heartbeat(
+            self.factory,
+            worker=self.name,
+            device=str(self.bundle.device),
+            model_ref=self.bundle.card.ref,
+            started_at=self.started_at,
+            batches=self.batches,
+            studies=self.studies,
+            batch_sizes=self.batch_sizes,
+            now=self.clock(),
+        )
         self._last_beat = time.monotonic()
 
     def run(self, stop: threading.Event) -> None:
@@ -359,9 +282,9 @@ class Worker:
         owned = DecodePool(workers, bound) if workers else None
         self.pool = owned or self.pool
         feeder = ThreadPoolExecutor(1, thread_name_prefix="triage-decode") if self.pool else None
-        listener: _Listener | None = None
+        listener: jobs.Listener | None = None
         try:
-            listener = _Listener(self.factory) if self._on_postgres() else None
+            listener = jobs.Listener.open(self.factory)
             self.warm_up()
             while not stop.is_set():
                 try:
@@ -399,26 +322,3 @@ class Worker:
             self.bundle.predict(np.zeros((self.settings.batch_size, 3, size, size), dtype=np.float32))
         except Exception as exc:
             log.error("warm-up failed (%s)", type(exc).__name__)
-
-    def _on_postgres(self) -> bool:
-        with self.factory() as session:
-            return session.get_bind().dialect.name == "postgresql"
-
-    def _audit(
-        self,
-        session: Session,
-        case: Case,
-        action: str,
-        outcome: Outcome = Outcome.SUCCESS,
-        details: dict[str, object] | None = None,
-    ) -> None:
-        record(
-            session,
-            actor=self.name,
-            action=action,
-            code=EventCode.ACCESS,
-            object_type="case",
-            object_id=case.id,
-            outcome=outcome,
-            details=details,
-        )

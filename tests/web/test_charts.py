@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from triage_api.vocab import Tier
 from triage_api.web import charts
 from triage_api.web.charts import BarRow, Point, ReliabilityBin, Series
 
@@ -63,7 +64,7 @@ GATED: dict[str, Any] = {
     },
     "overrides": {"reads_with_ai": 0, "rate": None, "by_reason": {}},
     "appeals": {"filed": 0, "rate": 0.0, "decided": 0, "overturn_rate": None},
-    "time_to_first_read": {t: {"n": 0, "median_seconds": None, "p90_seconds": None} for t in charts.TIERS},
+    "time_to_first_read": {t: {"n": 0, "median_seconds": None, "p90_seconds": None} for t in Tier},
     "not_analyzed": {"share": 1.0, "by_reason": {"modality MR": 1}},
     "drift": {"reference": "previous window", "n": 0, "reference_n": 0, "psi": None},
 }

@@ -24,6 +24,8 @@ from datetime import UTC, date, datetime, time
 from typing import Any, Literal
 from xml.sax.saxutils import escape
 
+from triage_api.vocab import Tier
+
 Unit = Literal["percent", "number", "seconds", "count"]
 
 # Okabe & Ito (2008): distinguishable with the common colour-vision deficiencies.
@@ -522,8 +524,6 @@ def bars_svg(
 
 # ---------------------------------------------------------------------------- adapters
 
-TIERS = ("critical", "elevated", "routine")
-
 
 def charts_for_metrics(
     metrics: Mapping[str, Any],
@@ -603,7 +603,7 @@ def time_to_read_svg(
     stats = ("median", "90th percentile")
     names = list(stats) if before is None else [f"{s} ({label})" for label in labels for s in stats]
     rows = []
-    for tier in TIERS:
+    for tier in Tier:
         values: list[float | None] = []
         notes = []
         for period in periods:

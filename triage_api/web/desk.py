@@ -18,6 +18,7 @@ from audit.log import AuditCheckpoint, EventCode, record
 from audit.verify import Report, verify
 from triage_api.auth import Principal
 from triage_api.tables import Case, Read, User
+from triage_api.vocab import ReadKind
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def overrides(
         .join(User, User.id == Read.reader_id)
         .where(
             Case.clinic_id.in_(principal.clinic_ids),
-            Read.kind == "primary",
+            Read.kind == ReadKind.PRIMARY,
             Read.agrees_with_ai.is_(False),
         )
     )
@@ -101,7 +102,7 @@ def override_rate_by_day(
         .join(Case, Case.id == Read.case_id)
         .where(
             Case.clinic_id.in_(principal.clinic_ids),
-            Read.kind == "primary",
+            Read.kind == ReadKind.PRIMARY,
             Read.agrees_with_ai.is_not(None),
             Read.created_at >= start,
         )

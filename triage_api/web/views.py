@@ -39,6 +39,16 @@ from triage_api.deps import Runtime, RuntimeDep
 from triage_api.errors import InvalidRequest, NotAuthenticated, TriageError
 from triage_api.schemas import AppealCreate, AppealDecision, PriorityChange, ReadCreate
 from triage_api.tables import Appeal, Case, Clinic, User
+from triage_api.vocab import (
+    AppealCategory,
+    AppealOutcome,
+    AppealStatus,
+    CaseStatus,
+    Finding,
+    OverrideReason,
+    PriorityReason,
+    Tier,
+)
 from triage_api.web import charts, desk, sessions
 from triage_api.web.sessions import LoginThrottle, WebUser
 
@@ -63,20 +73,6 @@ def _duration(seconds: float | None) -> str:
 templates.env.filters["duration"] = _duration
 router = APIRouter(include_in_schema=False)
 
-FINDINGS = ("normal", "pneumonia", "other_finding", "non_diagnostic")
-OVERRIDE_REASONS = (
-    "false_positive",
-    "false_negative",
-    "image_quality",
-    "outside_intended_use",
-    "clinical_context",
-    "other",
-)
-PRIORITY_REASONS = ("clinical_urgency", "clinical_context", "image_quality", "requested_by_clinic", "other")
-TIERS = ("critical", "elevated", "routine")
-STATUSES = ("queued", "running", "scored", "not_analyzed", "failed")
-APPEAL_CATEGORIES = ("read_too_late", "disagree_with_result", "ai_should_not_have_been_applied", "other")
-APPEAL_OUTCOMES = ("upheld", "overturned", "partially")
 HOME = {
     Role.RADIOLOGIST: "/web/worklist",
     Role.UPLOADER: "/web/clinic",
@@ -311,8 +307,8 @@ def worklist_page(request: Request, runtime: RuntimeDep, user: CurrentUser) -> H
         "worklist.html",
         user,
         clinics=sorted(clinics.items(), key=lambda c: c[1]),
-        tiers=TIERS,
-        statuses=STATUSES,
+        tiers=list(Tier),
+        statuses=list(CaseStatus),
         appeals=mine,
     )
 
@@ -323,8 +319,8 @@ def worklist_json(
     runtime: RuntimeDep,
     user: CurrentUser,
     clinic: int | None = None,
-    tier: Annotated[str | None, Query(pattern="^(critical|elevated|routine)$")] = None,
-    status: Annotated[str | None, Query(pattern="^(queued|running|scored|not_analyzed|failed)$")] = None,
+    tier: Tier | None = None,
+    status: CaseStatus | None = None,
     unread: bool | None = True,
     limit: Annotated[int, Query(ge=1, le=500)] = 200,
 ) -> dict[str, Any]:
@@ -397,10 +393,10 @@ def case_page(request: Request, runtime: RuntimeDep, user: CurrentUser, case_id:
         clinic=clinic,
         claimed_by=claimed_by,
         card=_card(runtime, case.model_ref),
-        findings=FINDINGS,
-        reasons=OVERRIDE_REASONS,
-        priority_reasons=PRIORITY_REASONS,
-        tiers=TIERS,
+        findings=list(Finding),
+        reasons=list(OverrideReason),
+        priority_reasons=list(PriorityReason),
+        tiers=list(Tier),
         can_read=user.principal.role is Role.RADIOLOGIST,
         message=request.query_params.get("done"),
     )
@@ -515,7 +511,13 @@ def appeal_page(request: Request, runtime: RuntimeDep, user: CurrentUser, appeal
     with transaction(runtime.factory) as session:
         appeal, case = appeals.blinded_view(session, principal=user.principal, appeal_id=appeal_id)
     return _page(
-        request, "appeal.html", user, appeal=appeal, case=case, findings=FINDINGS, outcomes=APPEAL_OUTCOMES
+        request,
+        "appeal.html",
+        user,
+        appeal=appeal,
+        case=case,
+        findings=list(Finding),
+        outcomes=list(AppealOutcome),
     )
 
 
@@ -566,7 +568,7 @@ def clinic_page(request: Request, runtime: RuntimeDep, user: CurrentUser) -> HTM
         cases=rows,
         appeals=filed,
         second=second,
-        categories=APPEAL_CATEGORIES,
+        categories=list(AppealCategory),
         message=request.query_params.get("done"),
     )
 
@@ -642,7 +644,7 @@ def audit_desk(
         overrides=rows,
         readers=all_readers,
         models=models,
-        reasons=OVERRIDE_REASONS,
+        reasons=list(OverrideReason),
         chosen={"reason": reason, "reader": reader_id, "model": model},
         appeals=listed,
         second=second,
@@ -762,7 +764,8 @@ def admin_page(request: Request, runtime: RuntimeDep, user: CurrentUser) -> HTML
     _need(user, Role.ADMIN)
     with runtime.reads() as session:
         users = list(session.execute(select(User).order_by(User.name)).scalars())
-        open_appeals = list(session.execute(select(Appeal).where(Appeal.status == "open")).scalars())
+        open_query = select(Appeal).where(Appeal.status == AppealStatus.OPEN)
+        open_appeals = list(session.execute(open_query).scalars())
     return _page(request, "admin.html", user, users=users, open_appeals=open_appeals)
 
 

@@ -8,6 +8,7 @@ import secrets
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,6 +32,7 @@ from triage_api import (
     ingest,
     monitoring,
     monitoring_views,
+    outbox,
     passwords,
     reading,
     reading_views,
@@ -144,6 +146,16 @@ def _monitor(factory: sessionmaker[Session], settings: Settings) -> None:
         monitoring.check_alerts(session, settings=settings)
 
 
+def outbox_senders(settings: Settings) -> dict[str, outbox.Sender]:
+    """The sender of each outbox kind this site delivers (DICOM SR, webhooks)."""
+    senders: dict[str, outbox.Sender] = {}
+    return senders
+
+
+def _deliver(factory: sessionmaker[Session], senders: dict[str, outbox.Sender]) -> None:
+    outbox.deliver_due(factory, senders, now=lambda: datetime.now(UTC))
+
+
 def create_app(settings: Settings) -> FastAPI:
     """Build the app. Nothing touches disk, database or model until the lifespan starts."""
 
@@ -187,6 +199,12 @@ def create_app(settings: Settings) -> FastAPI:
             ),
             threading.Thread(
                 target=checkpointer.run, args=(stop,), name="triage-audit-checkpoint", daemon=True
+            ),
+            _periodic(
+                stop,
+                settings.outbox_poll_seconds,
+                "triage-outbox",
+                lambda: _deliver(factory, outbox_senders(settings)),
             ),
         ]
         if settings.run_worker:

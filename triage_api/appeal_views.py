@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from triage_api import appeals
 from triage_api.auth import Principal, Role
-from triage_api.blobs import blob_path
+from triage_api.blobs import read_blob
 from triage_api.db import transaction
 from triage_api.deps import Admin, Radiologist, RuntimeDep, Uploader, allow
 from triage_api.schemas import AppealAssign, AppealCreate, AppealDecision, AppealRead, BlindedCase
@@ -100,7 +100,7 @@ def blinded_image(runtime: RuntimeDep, principal: Radiologist, appeal_id: int) -
     with transaction(runtime.factory) as session:
         _, case = appeals.blinded_view(session, principal=principal, appeal_id=appeal_id)
         media_type, digest = case.media_type, case.sha256
-    return Response(blob_path(runtime.settings.blob_dir, digest).read_bytes(), media_type=media_type)
+    return Response(read_blob(runtime.settings.blob_dir, digest), media_type=media_type)
 
 
 @router.post("/v1/appeals/{appeal_id}/decision", response_model=AppealRead)

@@ -31,6 +31,11 @@ def store_blob(blob_dir: Path, data: bytes) -> str:
     return digest
 
 
+def read_blob(blob_dir: Path, digest: str) -> bytes:
+    """The stored bytes of blob ``digest``: every reader of study bytes goes through here."""
+    return blob_path(blob_dir, digest).read_bytes()
+
+
 def write_atomically(target: Path, data: bytes, *, exclusive: bool = False, mode: int = 0o666) -> None:
     """Write ``data`` to ``target`` all or nothing, durably.
 

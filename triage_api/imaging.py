@@ -27,7 +27,7 @@ from models.preprocess import (
     to_input,
 )
 from triage_api.auth import Principal
-from triage_api.blobs import blob_path, write_atomically
+from triage_api.blobs import blob_path, read_blob, write_atomically
 from triage_api.cases import unblinded_case
 from triage_api.errors import InvalidStudy, NotFound
 from triage_api.ingest import DICOM
@@ -176,4 +176,4 @@ def image_case(session: Session, *, principal: Principal, case_id: str) -> Case:
 
 def case_png(case: Case, settings: Settings) -> bytes:
     """The display PNG of ``case`` (see :func:`display_png`)."""
-    return display_png(blob_path(settings.blob_dir, case.sha256).read_bytes(), case.media_type)
+    return display_png(read_blob(settings.blob_dir, case.sha256), case.media_type)

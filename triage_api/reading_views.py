@@ -9,7 +9,7 @@ from fastapi.responses import Response
 
 from triage_api import imaging, reading
 from triage_api.auth import Principal, Role
-from triage_api.blobs import blob_path
+from triage_api.blobs import read_blob
 from triage_api.db import transaction
 from triage_api.deps import Radiologist, Reader, RuntimeDep, allow
 from triage_api.schemas import ClaimOut, PriorityChange, ReadCreate, ReadOut, WorklistItem, worklist_item
@@ -65,4 +65,4 @@ def study_image(runtime: RuntimeDep, principal: Reader, case_id: str) -> Respons
     with transaction(runtime.factory) as session:
         case = imaging.image_case(session, principal=principal, case_id=case_id)
         media_type, digest = case.media_type, case.sha256
-    return Response(blob_path(runtime.settings.blob_dir, digest).read_bytes(), media_type=media_type)
+    return Response(read_blob(runtime.settings.blob_dir, digest), media_type=media_type)

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     """Per clinic, per API process; bursts up to ``upload_burst``."""
     upload_burst: int = Field(200, ge=1)
 
+    outbox_poll_seconds: float = Field(1.0, gt=0, le=3600)
+    """How often due outbox deliveries (DICOM SR, webhooks) are sent."""
+
     run_worker: bool = True
     """Run the scoring worker inside the API process (the embedded default)."""
     lease_seconds: float = Field(120.0, gt=0)

@@ -91,6 +91,12 @@ def _time_to_score(session: Session, now: datetime) -> list[float]:
     return [(created - received).total_seconds() for created, received in rows]
 
 
+@router.get("/healthz", include_in_schema=False)
+def healthz() -> dict[str, str]:
+    """Liveness for a load balancer: answers while the process serves, without a database."""
+    return {"status": "ok"}
+
+
 @router.get("/v1/health")
 def health(runtime: RuntimeDep, principal: Operator) -> dict[str, Any]:
     """Queue depth, workers' heartbeats and the model they run."""

@@ -21,9 +21,9 @@ from audit.checkpoint import tail_status
 from audit.copies import copied_head
 from triage_api.auth import Principal, Role
 from triage_api.deps import RuntimeDep, allow
+from triage_api.jobs import BATCH_BUCKETS
 from triage_api.tables import Case, Job, Prediction, WorkerBeat
 from triage_api.vocab import CaseStatus, JobStatus
-from triage_api.worker import BATCH_BUCKETS
 
 router = APIRouter()
 

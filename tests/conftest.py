@@ -7,9 +7,11 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
@@ -18,6 +20,7 @@ from models.preprocess import Preprocessing
 from triage_api import auth
 from triage_api.app import create_app
 from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
+from triage_api.deps import Runtime
 from triage_api.settings import Settings
 
 DATA = Path(__file__).parent / "data"
@@ -120,11 +123,24 @@ def upload(client: TestClient, key: str, data: bytes, name: str = "study.dcm"): 
     return client.post("/v1/studies", files={"file": (name, data)}, headers=bearer(key))
 
 
-def wait_for(client: TestClient, key: str, case_id: str, timeout: float = 60.0) -> dict:  # type: ignore[type-arg]
+def app_of(client: TestClient) -> FastAPI:
+    """The app a test client drives (typed: ``client.app`` is any ASGI app)."""
+    if not isinstance(client.app, FastAPI):
+        raise TypeError("the test client does not drive a FastAPI app")
+    return client.app
+
+
+def runtime_of(client: TestClient) -> Runtime:
+    """The running app's engine, sessions and settings."""
+    runtime: Runtime = app_of(client).state.runtime
+    return runtime
+
+
+def wait_for(client: TestClient, key: str, case_id: str, timeout: float = 60.0) -> dict[str, Any]:
     """Poll a case until it leaves queued/running (bounded)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        body = client.get(f"/v1/studies/{case_id}", headers=bearer(key)).json()
+        body: dict[str, Any] = client.get(f"/v1/studies/{case_id}", headers=bearer(key)).json()
         if body["status"] not in ("queued", "running"):
             return body
         time.sleep(0.05)

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from tests.conftest import DATA, MakeKey, bearer, upload, wait_for
+from tests.conftest import DATA, MakeKey, app_of, bearer, runtime_of, upload, wait_for
 
 # Every API route, classified. A new route fails test_every_route_is_classified until added.
 ALLOWED: dict[tuple[str, str], set[str]] = {
@@ -43,7 +43,7 @@ ROLES = ("uploader", "radiologist", "auditor", "admin")
 
 def api_routes(client: TestClient) -> list[tuple[str, str]]:
     """Every (method, path) of the OpenAPI document: the routes a client can discover."""
-    paths = client.app.openapi()["paths"]
+    paths = app_of(client).openapi()["paths"]
     return sorted((method.upper(), path) for path, item in paths.items() for method in item)
 
 
@@ -123,7 +123,7 @@ def test_admin_creates_user_whose_key_works_and_is_stored_hashed(
     assert client.get("/v1/worklist", headers=bearer(key)).status_code == 200
     from sqlalchemy import text
 
-    with client.app.state.runtime.engine.connect() as connection:
+    with runtime_of(client).engine.connect() as connection:
         dump = " ".join(str(row) for row in connection.execute(text("SELECT * FROM api_keys")))
     assert secret not in dump
     duplicate = client.post(

@@ -6,7 +6,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from audit.log import AuditEvent
-from tests.conftest import DATA, MakeKey, bearer, upload, wait_for
+from tests.conftest import DATA, MakeKey, bearer, runtime_of, upload, wait_for
 
 
 def read_case(client: TestClient, make_key: MakeKey) -> tuple[str, str, dict[str, str]]:
@@ -95,7 +95,7 @@ def test_full_appeal_with_a_blinded_independent_second_read(client: TestClient, 
     assert outcome["outcome"] == "overturned" and outcome["second_read_finding"] == "pneumonia"
     assert outcome["rationale"] == decision["rationale"]
 
-    with client.app.state.runtime.factory() as session:
+    with runtime_of(client).factory() as session:
         actions = [
             e.action
             for e in session.execute(select(AuditEvent).where(AuditEvent.object_type == "appeal")).scalars()

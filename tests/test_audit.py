@@ -11,13 +11,13 @@ from sqlalchemy import func, select
 
 from audit.log import AuditEvent, EventCode, first_broken, record
 from tests.audit.helpers import drop_guards
-from tests.conftest import DATA, MakeKey, bearer, upload, wait_for
+from tests.conftest import DATA, MakeKey, bearer, runtime_of, upload, wait_for
 from triage_api.db import transaction
 from triage_api.tables import Case
 
 
 def events(client: TestClient) -> list[AuditEvent]:
-    with client.app.state.runtime.factory() as session:
+    with runtime_of(client).factory() as session:
         return list(session.execute(select(AuditEvent).order_by(AuditEvent.seq)).scalars())
 
 
@@ -46,7 +46,7 @@ def test_upload_scoring_and_view_are_audited(client: TestClient, make_key: MakeK
 
 
 def first_broken_in(client: TestClient) -> int | None:
-    with client.app.state.runtime.factory() as session:
+    with runtime_of(client).factory() as session:
         return first_broken(session)
 
 
@@ -64,12 +64,12 @@ def test_a_refused_upload_changes_nothing_and_a_failed_audit_write_fails_the_upl
     monkeypatch.setattr("triage_api.ingest.record", broken_record)
     with pytest.raises(RuntimeError):
         upload(client, key, (DATA / "cr_chest_pa_jpeg_baseline_siim.dcm").read_bytes())
-    with client.app.state.runtime.factory() as session:
+    with runtime_of(client).factory() as session:
         assert session.execute(select(func.count()).select_from(Case)).scalar_one() == 0
 
 
 def test_concurrent_writers_keep_one_unbroken_chain(client: TestClient) -> None:
-    factory = client.app.state.runtime.factory
+    factory = runtime_of(client).factory
     errors: list[BaseException] = []
 
     def write(n: int) -> None:
@@ -106,8 +106,8 @@ def test_editing_a_row_breaks_the_chain_at_that_row(client: TestClient, make_key
     trail = events(client)
     assert len(trail) >= 3
     target = trail[1].seq
-    drop_guards(client.app.state.runtime.engine)
-    with transaction(client.app.state.runtime.factory) as session:
+    drop_guards(runtime_of(client).engine)
+    with transaction(runtime_of(client).factory) as session:
         session.get_one(AuditEvent, target).details = json.dumps({"edited": True})
     assert first_broken_in(client) == target
 
@@ -118,7 +118,7 @@ def test_health_reports_a_tampered_tail_and_a_rewritten_signed_head(
     from audit.checkpoint import write_checkpoint
     from audit.keys import load_or_create_signing_key
 
-    runtime = client.app.state.runtime
+    runtime = runtime_of(client)
     operator = bearer(make_key("admin"))
     key = make_key("uploader", "north")
     upload(client, key, (DATA / "cr_chest_pa_jpeg_baseline_siim.dcm").read_bytes())

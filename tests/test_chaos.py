@@ -27,7 +27,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import func, select
 
 from audit.log import AuditEvent, first_broken
@@ -43,7 +43,7 @@ def small_dicom(seed: int) -> bytes:
     ds = pydicom.Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.1")
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.SOPClassUID, ds.SOPInstanceUID = (
         ds.file_meta.MediaStorageSOPClassUID,

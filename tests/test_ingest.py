@@ -19,7 +19,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from sqlalchemy import func, select
 
 from models.preprocess import age_band
-from tests.conftest import DATA, MakeKey, bearer, shared_data, upload, wait_for
+from tests.conftest import DATA, MakeKey, bearer, runtime_of, shared_data, upload, wait_for
 from triage_api.app import create_app
 from triage_api.errors import InvalidStudy
 from triage_api.ingest import validate
@@ -28,7 +28,7 @@ from triage_api.tables import Case, Job
 
 
 def count_cases(client: TestClient) -> int:
-    with client.app.state.runtime.factory() as session:
+    with runtime_of(client).factory() as session:
         return session.execute(select(func.count()).select_from(Case)).scalar_one()
 
 
@@ -83,7 +83,7 @@ def test_same_bytes_same_case_under_concurrent_retries(client: TestClient, make_
     assert codes.count(201) == 1 and codes.count(200) == 9, codes
     assert len({r.json()["id"] for r in responses}) == 1
     assert count_cases(client) == 1
-    with client.app.state.runtime.factory() as session:
+    with runtime_of(client).factory() as session:
         assert session.execute(select(func.count()).select_from(Job)).scalar_one() == 1
 
 
@@ -96,7 +96,7 @@ def test_same_bytes_from_another_clinic_is_another_case(client: TestClient, make
 
 def test_oversized_body_is_413_and_stores_nothing(client: TestClient, make_key: MakeKey) -> None:
     key = make_key("uploader", "north")
-    limit = client.app.state.runtime.settings.max_upload_bytes
+    limit = runtime_of(client).settings.max_upload_bytes
     response = upload(client, key, b"\0" * (limit + 200_000))
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "body_too_large"
@@ -105,7 +105,7 @@ def test_oversized_body_is_413_and_stores_nothing(client: TestClient, make_key: 
 
 def test_lying_content_length_is_413(client: TestClient, make_key: MakeKey) -> None:
     key = make_key("uploader", "north")
-    limit = client.app.state.runtime.settings.max_upload_bytes
+    limit = runtime_of(client).settings.max_upload_bytes
     chunks = (b"x" * 1_000_000 for _ in range(limit // 1_000_000 + 2))
     response = client.post(
         "/v1/studies",
@@ -306,7 +306,7 @@ def test_view_and_age_band_are_kept_but_not_the_age(client: TestClient, make_key
     case_id = upload(client, key, out.getvalue()).json()["id"]
     body = client.get(f"/v1/studies/{case_id}", headers=bearer(key)).json()
     assert body["view_position"] == "PA" and body["age_band"] == "1–5 y"
-    with client.app.state.runtime.factory() as session:
+    with runtime_of(client).factory() as session:
         row = session.get_one(Case, case_id)
         values = [str(getattr(row, column.key)) for column in Case.__table__.columns]
     # The random hex digests (id, sha256, pseudonym) may hold "2019" by chance: look for the

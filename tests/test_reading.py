@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from audit.log import AuditEvent
-from tests.conftest import DATA, MakeKey, bearer, upload, wait_for
+from tests.conftest import DATA, MakeKey, bearer, runtime_of, upload, wait_for
 from triage_api.tables import Read
 
 
@@ -47,7 +47,7 @@ def test_agreeing_read_is_recorded_with_the_score_it_saw(client: TestClient, mak
     case = client.get(f"/v1/studies/{case_id}", headers=reader).json()
     assert case["read"]["finding"] == "normal" and case["read"]["ai_score_shown"] is True
     assert case["read_at"] is not None
-    with client.app.state.runtime.factory() as session:
+    with runtime_of(client).factory() as session:
         stored = session.execute(select(Read)).scalar_one()
         assert stored.ai_risk == case["risk"] and stored.model_ref == case["model_version"]
     again = client.post(
@@ -95,7 +95,7 @@ def test_override_needs_a_reason(client: TestClient, make_key: MakeKey) -> None:
     )
     assert ok.status_code == 201
     assert ok.json()["override_reason"] == "false_negative"
-    with client.app.state.runtime.factory() as session:
+    with runtime_of(client).factory() as session:
         event = session.execute(select(AuditEvent).where(AuditEvent.action == "case.override")).scalar_one()
     assert (
         "false_negative" in event.details and "Canaryfield" not in event.details
@@ -119,7 +119,7 @@ def test_case_without_ai_result_takes_no_agreement(client: TestClient, make_key:
 def test_reprioritise_moves_the_deadline_with_a_reason(client: TestClient, make_key: MakeKey) -> None:
     case_id = scored_case(client, make_key)
     reader = bearer(make_key("radiologist", "north"))
-    settings = client.app.state.runtime.settings
+    settings = runtime_of(client).settings
     assert (
         client.post(f"/v1/studies/{case_id}/priority", json={"tier": "critical"}, headers=reader).status_code
         == 422

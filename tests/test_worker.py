@@ -24,13 +24,14 @@ from sqlalchemy import func, select
 
 from models.bundle import load_bundle
 from models.preprocess import Preprocessing
-from tests.conftest import DATA, MakeKey, bearer, shared_data, upload, wait_for
+from tests.conftest import DATA, MakeKey, bearer, runtime_of, shared_data, upload, wait_for
 from tests.misbehaving_decoder import CRASH, HANG, decode_or_misbehave
 from triage_api.app import create_app
 from triage_api.decoding import DecodePool, DecodeTask, Gate, decode_study
 from triage_api.jobs import Claim
 from triage_api.settings import Settings
 from triage_api.tables import Case, Job, Prediction
+from triage_api.vocab import CaseStatus, JobStatus
 from triage_api.worker import Result, Worker, cpu_budget, load_model
 
 
@@ -61,7 +62,7 @@ class Clock:
 
 def new_worker(client: TestClient, settings: Settings, clock: Clock | None = None) -> Worker:
     bundle = load_bundle(settings.model_path)
-    factory = client.app.state.runtime.factory
+    factory = runtime_of(client).factory
     worker = Worker(factory, settings, bundle) if clock is None else Worker(factory, settings, bundle, clock)
     worker.name += f":{id(worker)}"  # two workers in one thread must differ
     return worker
@@ -74,7 +75,7 @@ def queue_study(client: TestClient, key: str, name: str = "cr_chest_pa_jpeg_base
 
 
 def rows(client: TestClient, table: type) -> list:  # type: ignore[type-arg]
-    with client.app.state.runtime.factory() as session:
+    with runtime_of(client).factory() as session:
         return list(session.execute(select(table)).scalars())
 
 
@@ -93,7 +94,7 @@ def test_expired_lease_is_reclaimed_and_late_write_discarded(
     assert second.case_id == case_id and second.attempt == 2
     assert rescuer.finish([second], rescuer.score([second])) == 1
     # The "crashed" worker wakes up and tries to write its stale result: fenced out.
-    assert crashed.finish([first], [Result("scored", risk=0.99, inference_ms=1.0)]) == 0
+    assert crashed.finish([first], [Result(CaseStatus.SCORED, risk=0.99, inference_ms=1.0)]) == 0
     predictions = rows(client, Prediction)
     assert [(p.case_id, p.attempt) for p in predictions] == [(case_id, 2)]
     (case,) = rows(client, Case)
@@ -174,7 +175,7 @@ def test_tiers_set_deadlines_and_a_rescore_never_moves_one_later(
         case_id = queue_study(client, key, name)
         (claim,) = worker.claim()
         assert claim.case_id == case_id
-        assert worker.finish([claim], [Result("scored", risk=risk, inference_ms=1.0)]) == 1
+        assert worker.finish([claim], [Result(CaseStatus.SCORED, risk=risk, inference_ms=1.0)]) == 1
         risks[case_id] = risk
     cases = {c.id: c for c in rows(client, Case)}
     for case in cases.values():
@@ -191,12 +192,12 @@ def test_tiers_set_deadlines_and_a_rescore_never_moves_one_later(
 
     # Rescore the critical case as routine: the tier follows the model, the deadline stays.
     critical_id = listed[0]["id"]
-    with client.app.state.runtime.factory() as session, session.begin():
+    with runtime_of(client).factory() as session, session.begin():
         job = session.execute(select(Job).where(Job.case_id == critical_id)).scalar_one()
-        job.status = "queued"
+        job.status = JobStatus.QUEUED
     (claim,) = worker.claim()
     assert claim.case_id == critical_id
-    assert worker.finish([claim], [Result("scored", risk=0.1, inference_ms=1.0)]) == 1
+    assert worker.finish([claim], [Result(CaseStatus.SCORED, risk=0.1, inference_ms=1.0)]) == 1
     rescored = next(c for c in rows(client, Case) if c.id == critical_id)
     assert rescored.tier == "routine"
     assert rescored.deadline == cases[critical_id].deadline
@@ -233,7 +234,7 @@ def test_no_prediction_rows_are_duplicated(
     worker = new_worker(client, manual)
     while worker.run_once():
         pass
-    with client.app.state.runtime.factory() as session:
+    with runtime_of(client).factory() as session:
         assert session.execute(select(func.count()).select_from(Prediction)).scalar_one() == 2
 
 

@@ -10,9 +10,8 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
 
-from fastapi import FastAPI, File, Query, UploadFile
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -22,40 +21,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from audit.checkpoint import Checkpointer
 from audit.log import EventCode, record
-from triage_api import (
-    appeal_views,
-    audit_views,
-    auth,
-    cases,
-    health_views,
-    imaging_views,
-    ingest,
-    monitoring,
-    monitoring_views,
-    outbox,
-    passwords,
-    reading,
-    reading_views,
-)
+from triage_api import api, auth, ingest, monitoring, outbox
 from triage_api.auth import Role
 from triage_api.blobs import write_atomically
 from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
-from triage_api.deps import Admin, Reader, Runtime, RuntimeDep, Uploader
-from triage_api.errors import Conflict, NotFound, error_body, install_handlers
+from triage_api.deps import Runtime
+from triage_api.errors import error_body, install_handlers
 from triage_api.ratelimit import ClinicRateLimiter
-from triage_api.schemas import (
-    CaseRead,
-    KeyRevoked,
-    StudyCreated,
-    UserCreate,
-    UserCreated,
-    WorklistItem,
-    case_read,
-    worklist_item,
-)
 from triage_api.settings import Settings
 from triage_api.tables import User
-from triage_api.vocab import CaseStatus, Tier
 from triage_api.web import views as web_views
 from triage_api.worker import Worker, load_model
 
@@ -232,123 +206,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     install_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)
-    _routes(app)
-    app.include_router(reading_views.router)
-    app.include_router(appeal_views.router)
-    app.include_router(monitoring_views.router)
-    app.include_router(health_views.router)
-    app.include_router(audit_views.router)
-    app.include_router(imaging_views.router)
+    for router in api.ROUTERS:
+        app.include_router(router)
     web_views.install(app)
     return app
-
-
-def _routes(app: FastAPI) -> None:
-    @app.get("/healthz", include_in_schema=False)
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.post(
-        "/v1/studies",
-        response_model=StudyCreated,
-        status_code=201,
-        responses={200: {"model": StudyCreated, "description": "The same bytes were uploaded before"}},
-    )
-    def upload_study(runtime: RuntimeDep, principal: Uploader, file: Annotated[UploadFile, File()]) -> Any:
-        """Upload one study (DICOM Part 10, PNG or JPEG) for scoring."""
-        for clinic_id in principal.clinic_ids:
-            runtime.limiter.take(clinic_id)
-        limit = runtime.settings.max_upload_bytes
-        data = file.file.read(limit + 1)
-        if len(data) > limit:
-            raise StarletteHTTPException(413, f"file over {limit} bytes")
-        case, created = ingest.accept_study(
-            runtime.factory,
-            reads=runtime.reads,
-            principal=principal,
-            data=data,
-            settings=runtime.settings,
-            pseudonym_key=runtime.pseudonym_key,
-        )
-        body = StudyCreated(
-            id=case.id,
-            status=case.status,
-            sha256=case.sha256,
-            received_at=case.received_at,
-            deadline=case.deadline,
-        )
-        return JSONResponse(body.model_dump(mode="json"), status_code=201 if created else 200)
-
-    @app.get("/v1/studies/{case_id}", response_model=CaseRead)
-    def get_study(runtime: RuntimeDep, principal: Reader, case_id: str) -> CaseRead:
-        """One case with its current prediction."""
-        with transaction(runtime.factory) as session:
-            case, prediction = cases.read_case(session, principal=principal, case_id=case_id)
-            return case_read(case, prediction, reading.primary_read(session, case.id))
-
-    @app.get("/v1/worklist", response_model=list[WorklistItem])
-    def get_worklist(
-        runtime: RuntimeDep,
-        principal: Reader,
-        status: CaseStatus | None = None,
-        tier: Tier | None = None,
-        unread: bool | None = None,
-        limit: Annotated[int, Query(ge=1, le=500)] = 100,
-        offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
-    ) -> list[WorklistItem]:
-        """The caller's cases, earliest reading deadline first."""
-        with transaction(runtime.factory) as session:
-            rows = cases.worklist(
-                session,
-                principal=principal,
-                status=status,
-                tier=tier,
-                unread=unread,
-                limit=limit,
-                offset=offset,
-            )
-            return [worklist_item(case) for case in rows]
-
-    @app.post("/v1/users", response_model=UserCreated, status_code=201)
-    def create_user(runtime: RuntimeDep, principal: Admin, body: UserCreate) -> UserCreated:
-        """Create a user (and clinics it names) with a first API key, shown once."""
-        try:
-            with transaction(runtime.factory) as session:
-                user, key = auth.add_user(session, name=body.name, role=body.role, clinics=body.clinics)
-                if body.password is not None:
-                    passwords.set_password(session, user, body.password)
-                record(
-                    session,
-                    actor=principal.actor,
-                    action="user.create",
-                    code=EventCode.SECURITY_ALERT,
-                    object_type="user",
-                    object_id=str(user.id),
-                    details={
-                        "role": body.role.value,
-                        "clinics": body.clinics,
-                        "password": body.password is not None,
-                    },
-                )
-                return UserCreated(
-                    id=user.id, name=user.name, role=body.role, clinics=body.clinics, api_key=key
-                )
-        except IntegrityError:
-            raise Conflict("a user with that name exists") from None
-
-    @app.delete("/v1/keys/{prefix}", response_model=KeyRevoked)
-    def revoke_key(runtime: RuntimeDep, principal: Admin, prefix: str) -> KeyRevoked:
-        """Revoke an API key by its public prefix."""
-        with transaction(runtime.factory) as session:
-            key = auth.revoke_key(session, prefix)
-            if key is None or key.revoked_at is None:
-                raise NotFound("no such key")
-            record(
-                session,
-                actor=principal.actor,
-                action="key.revoke",
-                code=EventCode.SECURITY_ALERT,
-                object_type="api_key",
-                object_id=prefix,
-            )
-            return KeyRevoked(prefix=prefix, revoked_at=key.revoked_at)

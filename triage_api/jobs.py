@@ -31,6 +31,14 @@ from triage_api.vocab import CaseStatus, JobStatus
 JOBS_CHANNEL = "triage_jobs"
 """PostgreSQL NOTIFY channel that wakes idle workers when a job is queued."""
 
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+"""Upper bounds of the batch-size histogram a worker reports (``TRIAGE_BATCH_SIZE`` <= 1024)."""
+
+
+def batch_bucket(size: int) -> str:
+    """The histogram bucket of a batch of ``size`` studies: its upper bound, as text."""
+    return next((str(bound) for bound in BATCH_BUCKETS if size <= bound), "+Inf")
+
 
 @dataclass(frozen=True)
 class Claim:

@@ -31,21 +31,13 @@ from triage_api import jobs
 from triage_api.blobs import blob_path
 from triage_api.decoding import Decoded, DecodePool, DecodeTask, Gate, decode_study
 from triage_api.ingest import DICOM
-from triage_api.jobs import Claim
+from triage_api.jobs import Claim, batch_bucket
 from triage_api.priority import rescored_deadline, tier_of
 from triage_api.settings import Settings
 from triage_api.tables import Prediction
 from triage_api.vocab import CaseStatus
 
 log = logging.getLogger("triage.worker")
-
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-"""Upper bounds of the batch-size histogram a worker reports (``TRIAGE_BATCH_SIZE`` <= 1024)."""
-
-
-def batch_bucket(size: int) -> str:
-    """The histogram bucket of a batch of ``size`` studies: its upper bound, as text."""
-    return next((str(bound) for bound in BATCH_BUCKETS if size <= bound), "+Inf")
 
 
 @dataclass(frozen=True)
@@ -113,7 +105,7 @@ class Worker:
         self.started_at = clock()
         self.batches = self.studies = 0
         self.batch_sizes: Counter[str] = Counter()
-        """Batches finished, by :func:`batch_bucket`."""
+        """Batches finished, by :func:`triage_api.jobs.batch_bucket`."""
         self._last_beat = 0.0
         self.gate = Gate.of(bundle.card)
         self.pool: DecodePool | None = None

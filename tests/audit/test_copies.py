@@ -17,8 +17,8 @@ from audit.verify import verify
 from tests.audit.helpers import append, run, tamper
 from triage_api.auth import Principal, Role
 from triage_api.db import transaction
+from triage_api.oversight import chain_status
 from triage_api.settings import Settings
-from triage_api.web.desk import chain_status
 
 
 def signer(factory: sessionmaker[Session], settings: Settings) -> Checkpointer:

@@ -40,7 +40,7 @@ def app_engine(engine: Engine) -> Iterator[Engine]:
 def test_roles_sql_is_idempotent_and_the_app_owns_nothing(engine: Engine, app_engine: Engine) -> None:
     run_roles_sql(engine)
     with engine.begin() as connection:
-        owners = set(
+        owners: set[str] = set(
             connection.execute(
                 text("SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname = 'public'")
             ).scalars()

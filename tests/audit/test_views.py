@@ -4,13 +4,14 @@ and every read of the log is itself an audited event (110101)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from audit.log import HASHED_COLUMNS, AuditEvent, EventCode, chain_hash
-from tests.conftest import DATA, MakeKey, bearer, upload
+from tests.conftest import DATA, MakeKey, bearer, runtime_of, upload
 
 STUDY = DATA / "cr_chest_pa_jpeg_baseline_siim.dcm"
 
@@ -25,7 +26,7 @@ def two_clinics(client: TestClient, make_key: MakeKey) -> dict[str, str]:
     return keys
 
 
-def get(client: TestClient, key: str, **params: object):  # type: ignore[no-untyped-def]
+def get(client: TestClient, key: str, **params: str | int) -> Any:
     return client.get("/v1/audit", params=params, headers=bearer(key))
 
 
@@ -84,7 +85,7 @@ def test_filters_and_cursor(client: TestClient, two_clinics: dict[str, str]) -> 
 
 def test_reading_the_log_is_audited(client: TestClient, two_clinics: dict[str, str]) -> None:
     get(client, two_clinics["auditor"], case_id=two_clinics["north_case"])
-    with client.app.state.runtime.factory() as session:
+    with runtime_of(client).factory() as session:
         last = session.execute(select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(1)).scalar_one()
     assert (last.action, last.event_code, last.object_type) == ("audit.query", "110101", "audit")
     assert last.actor.startswith("user:")

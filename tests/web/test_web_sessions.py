@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from audit.log import AuditEvent
-from tests.conftest import DATA, MakeKey, bearer, upload, wait_for
+from tests.conftest import DATA, MakeKey, bearer, runtime_of, upload, wait_for
 from tests.test_cli import run_triage, triage_env
 from triage_api import auth, passwords
 from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
@@ -234,7 +234,7 @@ def test_heatmap_route_follows_the_image_rules(
     ).json()
     assert client.post(f"/v1/appeals/{appeal['id']}/take", headers=bearer(second)).status_code == 200
     assert client.get(f"/v1/studies/{case_id}/heatmap", headers=bearer(second)).status_code == 403
-    with client.app.state.runtime.reads() as session:  # type: ignore[attr-defined]
+    with runtime_of(client).reads() as session:
         assert session.get_one(Case, case_id).risk is not None
 
 

@@ -31,8 +31,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from audit.log import AuditEvent
 from audit.query import search
 from models.bundle import BundleError, ModelCard, read_card
-from triage_api import appeals, cases, imaging, monitoring, reading
-from triage_api.audit_views import visible_to
+from triage_api import appeals, cases, imaging, monitoring, oversight, reading
+from triage_api.api.audit import visible_to
 from triage_api.auth import Principal, Role
 from triage_api.db import transaction
 from triage_api.deps import Runtime, RuntimeDep
@@ -49,7 +49,7 @@ from triage_api.vocab import (
     PriorityReason,
     Tier,
 )
-from triage_api.web import charts, desk, sessions
+from triage_api.web import charts, sessions
 from triage_api.web.sessions import LoginThrottle, WebUser
 
 HERE = Path(__file__).resolve().parent
@@ -622,10 +622,10 @@ def audit_desk(
     reason, model = reason or None, model or None
     reader_id = int(reader) if reader else None  # the filter form sends "" for "any"
     with transaction(runtime.factory) as session:
-        rows = desk.overrides(
+        rows = oversight.overrides(
             session, principal=user.principal, reason=reason, reader_id=reader_id, model_ref=model
         )
-        all_readers = desk.readers(session, user.principal)
+        all_readers = oversight.readers(session, user.principal)
         models = sorted(
             {
                 m
@@ -674,7 +674,7 @@ def audit_log(
                 limit=100,
             )
         )
-        status = desk.chain_status(
+        status = oversight.chain_status(
             session,
             principal=user.principal,
             key_path=runtime.settings.audit_key_path,
@@ -745,7 +745,9 @@ def monitoring_page(
     window = monitoring.Window(until - timedelta(days=days), until)
     with transaction(runtime.factory) as session:
         metrics, svgs = _charts(session, user, runtime, window)
-        by_day = desk.override_rate_by_day(session, principal=user.principal, days=min(days, 30), now=until)
+        by_day = oversight.override_rate_by_day(
+            session, principal=user.principal, days=min(days, 30), now=until
+        )
     return _page(
         request,
         "monitoring.html",

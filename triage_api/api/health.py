@@ -21,9 +21,9 @@ from audit.checkpoint import tail_status
 from audit.copies import copied_head
 from triage_api.auth import Principal, Role
 from triage_api.deps import RuntimeDep, allow
+from triage_api.jobs import BATCH_BUCKETS
 from triage_api.tables import Case, Job, Prediction, WorkerBeat
 from triage_api.vocab import CaseStatus, JobStatus
-from triage_api.worker import BATCH_BUCKETS
 
 router = APIRouter()
 
@@ -89,6 +89,12 @@ def _time_to_score(session: Session, now: datetime) -> list[float]:
         .where(Prediction.created_at >= now - timedelta(hours=1))
     ).all()
     return [(created - received).total_seconds() for created, received in rows]
+
+
+@router.get("/healthz", include_in_schema=False)
+def healthz() -> dict[str, str]:
+    """Liveness for a load balancer: answers while the process serves, without a database."""
+    return {"status": "ok"}
 
 
 @router.get("/v1/health")

@@ -1,5 +1,9 @@
-"""Queries for the auditor's desk that the REST API has no route for yet, scoped the same way:
-only reads of cases in the caller's clinics."""
+"""Oversight queries: overrides of the AI, the readers behind them, the override rate by day,
+and the audit chain's status; scoped like every read, to cases in the caller's clinics.
+
+The auditor's desk (:mod:`triage_api.web.views`) shows them; they are a service, not web
+code, so that a REST route can serve them too.
+"""
 
 from __future__ import annotations
 

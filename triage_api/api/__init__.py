@@ -1,0 +1,35 @@
+"""The REST API: one module per resource, each with an ``APIRouter``.
+
+Routes are thin: they parse the request, call one service function (which raises domain
+errors, mapped to HTTP in :mod:`triage_api.errors`) and shape the response. The web pages
+(:mod:`triage_api.web`) call the same services.
+
+- :mod:`.studies`: upload a study, read one case
+- :mod:`.worklist`: the caller's cases, by deadline
+- :mod:`.users`: users and API keys (admin)
+- :mod:`.reads`: claim, read, reprioritise, the study image
+- :mod:`.images`: the model's heat map
+- :mod:`.appeals`: file, assign, take and decide appeals
+- :mod:`.audit`: the audit log, scoped by role
+- :mod:`.monitoring`: model performance metrics
+- :mod:`.health`: liveness, health and Prometheus metrics
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from triage_api.api import appeals, audit, health, images, monitoring, reads, studies, users, worklist
+
+ROUTERS: tuple[APIRouter, ...] = (
+    health.router,
+    studies.router,
+    worklist.router,
+    users.router,
+    reads.router,
+    appeals.router,
+    monitoring.router,
+    audit.router,
+    images.router,
+)
+"""Every REST router, in the order their routes are matched."""

@@ -1,0 +1,40 @@
+"""Routes for users and API keys (``/v1/users``, ``/v1/keys``): admins only."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from sqlalchemy.exc import IntegrityError
+
+from triage_api import users
+from triage_api.db import transaction
+from triage_api.deps import Admin, RuntimeDep
+from triage_api.errors import Conflict
+from triage_api.schemas import KeyRevoked, UserCreate, UserCreated
+
+router = APIRouter()
+
+
+@router.post("/v1/users", response_model=UserCreated, status_code=201)
+def create_user(runtime: RuntimeDep, principal: Admin, body: UserCreate) -> UserCreated:
+    """Create a user (and clinics it names) with a first API key, shown once."""
+    try:
+        with transaction(runtime.factory) as session:
+            user, key = users.create_user(
+                session,
+                principal=principal,
+                name=body.name,
+                role=body.role,
+                clinics=body.clinics,
+                password=body.password,
+            )
+            return UserCreated(id=user.id, name=user.name, role=body.role, clinics=body.clinics, api_key=key)
+    except IntegrityError:
+        raise Conflict("a user with that name exists") from None
+
+
+@router.delete("/v1/keys/{prefix}", response_model=KeyRevoked)
+def revoke_key(runtime: RuntimeDep, principal: Admin, prefix: str) -> KeyRevoked:
+    """Revoke an API key by its public prefix."""
+    with transaction(runtime.factory) as session:
+        revoked_at = users.revoke_key(session, principal=principal, prefix=prefix)
+        return KeyRevoked(prefix=prefix, revoked_at=revoked_at)

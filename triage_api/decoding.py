@@ -29,14 +29,16 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from models.preprocess import (
+    MAX_DECODED_BYTES,
     DecodeError,
     Preprocessing,
     age_band,
-    decode_dicom,
+    dicom_pixels,
     gray_from_dicom,
     gray_from_image,
     is_grey,
     open_picture,
+    read_dicom,
     to_input,
 )
 
@@ -86,6 +88,8 @@ class DecodeTask:
     path: str
     dicom: bool
     gate: Gate
+    max_decoded_bytes: int = MAX_DECODED_BYTES
+    """The site's bound on a decoded image, checked again on the codestream before decoding."""
 
 
 @dataclass(frozen=True)
@@ -105,13 +109,18 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     return str(value).strip() or None if value is not None else None
 
 
-def model_input(data: bytes, dicom: bool, gate: Gate) -> np.ndarray:
-    """Decode and gate a stored study, and return the ``(3, S, S)`` model input.
+def model_input(data: bytes, dicom: bool, gate: Gate, max_bytes: int = MAX_DECODED_BYTES) -> np.ndarray:
+    """Gate and decode a stored study, and return the ``(3, S, S)`` model input.
+
+    The header is gated before any pixel is decoded, and the pixels are decoded at the
+    resolution the model needs (see :func:`models.preprocess.decode_gray`, which the
+    trainer calls: the same functions in the same order).
 
     Args:
         data: the stored bytes.
         dicom: DICOM Part 10 (else a PNG/JPEG picture).
         gate: the model's preprocessing and intended use.
+        max_bytes: bound on the full-size decoded image.
 
     Raises:
         NotForModel: the header (or picture) says the model is not for this study.
@@ -119,12 +128,12 @@ def model_input(data: bytes, dicom: bool, gate: Gate) -> np.ndarray:
     """
     pre = gate.preprocessing
     if not dicom:
-        image = open_picture(data)
+        image = open_picture(data, min_side=pre.input_size, max_bytes=max_bytes)
         if not is_grey(image):
             raise NotForModel("colour picture; the model reads greyscale radiographs")
         return to_input(gray_from_image(image, pre), pre)
 
-    ds, pixels = decode_dicom(data)
+    ds = read_dicom(data)
     modality = str(ds.get("Modality", "")).strip().upper()
     if modality not in gate.modalities:
         raise NotForModel(f"modality {modality or 'missing'} is outside the model's intended use")
@@ -140,6 +149,7 @@ def model_input(data: bytes, dicom: bool, gate: Gate) -> np.ndarray:
         raise NotForModel("multi-frame image; the model reads single radiographs")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise NotForModel("colour image; the model reads greyscale radiographs")
+    pixels = dicom_pixels(ds, min_side=pre.input_size, max_bytes=max_bytes)
     try:
         gray = gray_from_dicom(ds, pixels, pre)
     except (ValueError, TypeError) as exc:
@@ -154,7 +164,7 @@ def decode_study(task: DecodeTask) -> Decoded:
     """
     try:
         data = Path(task.path).read_bytes()
-        return Decoded("ok", pixels=model_input(data, task.dicom, task.gate))
+        return Decoded("ok", pixels=model_input(data, task.dicom, task.gate, task.max_decoded_bytes))
     except NotForModel as exc:
         return Decoded("not_analyzed", reason=str(exc))
     except DecodeError as exc:

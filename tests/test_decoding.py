@@ -160,14 +160,6 @@ def test_a_jpeg_without_its_height_or_a_j2k_without_siz_is_refused() -> None:
         decode_dicom(dicom(encapsulate([truncated]), JPEG2000Lossless, 16, 16))
 
 
-def test_the_header_is_gated_before_any_pixel_is_decoded(tmp_path: Path) -> None:
-    """A study outside the intended use is not decoded at all: a lying frame is then moot."""
-    frame = with_size(encode_array(radiograph(64, 64), bits_stored=12), b"\xff\x51", 20000, 20000)
-    path = tmp_path / "ct.dcm"
-    path.write_bytes(dicom(encapsulate([frame]), JPEG2000Lossless, 1024, 1024, modality="CT"))
-    assert decode_study(DecodeTask(str(path), True, GATE)).status == "not_analyzed"
-
-
 def test_a_picture_over_the_budget_is_refused_from_its_header() -> None:
     data = jpeg_frame(np.zeros((100, 120), np.uint8))
     assert open_picture(data, max_bytes=12000).size == (120, 100)

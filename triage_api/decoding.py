@@ -33,12 +33,11 @@ from models.preprocess import (
     DecodeError,
     Preprocessing,
     age_band,
-    dicom_pixels,
+    decode_dicom,
     gray_from_dicom,
     gray_from_image,
     is_grey,
     open_picture,
-    read_dicom,
     to_input,
 )
 
@@ -110,11 +109,11 @@ def _text(ds: Dataset, keyword: str) -> str | None:
 
 
 def model_input(data: bytes, dicom: bool, gate: Gate, max_bytes: int = MAX_DECODED_BYTES) -> np.ndarray:
-    """Gate and decode a stored study, and return the ``(3, S, S)`` model input.
+    """Decode and gate a stored study, and return the ``(3, S, S)`` model input.
 
-    The header is gated before any pixel is decoded, and the pixels are decoded at the
-    resolution the model needs (see :func:`models.preprocess.decode_gray`, which the
-    trainer calls: the same functions in the same order).
+    The pixels are decoded at the resolution the model needs, as
+    :func:`models.preprocess.decode_gray` (the trainer's) decodes them, and before the
+    header is gated, so that a broken file ends ``failed`` whatever its body part.
 
     Args:
         data: the stored bytes.
@@ -133,7 +132,7 @@ def model_input(data: bytes, dicom: bool, gate: Gate, max_bytes: int = MAX_DECOD
             raise NotForModel("colour picture; the model reads greyscale radiographs")
         return to_input(gray_from_image(image, pre), pre)
 
-    ds = read_dicom(data)
+    ds, pixels = decode_dicom(data, min_side=pre.input_size, max_bytes=max_bytes)
     modality = str(ds.get("Modality", "")).strip().upper()
     if modality not in gate.modalities:
         raise NotForModel(f"modality {modality or 'missing'} is outside the model's intended use")
@@ -149,7 +148,6 @@ def model_input(data: bytes, dicom: bool, gate: Gate, max_bytes: int = MAX_DECOD
         raise NotForModel("multi-frame image; the model reads single radiographs")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise NotForModel("colour image; the model reads greyscale radiographs")
-    pixels = dicom_pixels(ds, min_side=pre.input_size, max_bytes=max_bytes)
     try:
         gray = gray_from_dicom(ds, pixels, pre)
     except (ValueError, TypeError) as exc:

@@ -23,7 +23,8 @@ import numpy as np
 import PIL
 
 _J2K, _JP2 = 0, 2  # OPJ_CODEC_FORMAT
-_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+"""How a JP2 file (a J2K codestream in boxes) starts."""
 _EOF = ctypes.c_size_t(-1).value  # what a read callback returns at the end of the stream
 THREADS = max(1, min(4, len(os.sched_getaffinity(0))))
 """OpenJPEG decodes code-blocks in this many threads (the cores this process may use, up to 4)."""
@@ -145,7 +146,7 @@ def decode(data: bytes, level: int, threads: int = THREADS) -> np.ndarray:
     if lib is None:
         raise RuntimeError("no libopenjp2 to decode JPEG 2000 with")
     source = _Source(data)
-    codec = lib.opj_create_decompress(_JP2 if data.startswith(_JP2_SIGNATURE) else _J2K)
+    codec = lib.opj_create_decompress(_JP2 if data.startswith(JP2_SIGNATURE) else _J2K)
     stream = lib.opj_stream_create(1 << 20, 1)
     image = ctypes.POINTER(_Image)()
     try:

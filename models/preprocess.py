@@ -143,8 +143,9 @@ checks it first, so that no caller, the trainer included, can decode unbounded p
 _JPEG_2000 = frozenset({JPEG2000Lossless, JPEG2000})
 _JPEG = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1})
 _JPEG_LS = frozenset({JPEGLSLossless, JPEGLSNearLossless})
-# JPEG SOF markers (not DHT C4, JPG C8, DAC CC) and JPEG-LS's SOF55.
-_SOF = frozenset({*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7})
+# JPEG SOF markers (not DHT C4, JPG C8, DAC CC), hierarchical JPEG's DHP (the final size, laid
+# out as a SOF) and JPEG-LS's SOF55.
+_SOF = frozenset({*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xDE, 0xF7})
 
 
 @dataclass(frozen=True)
@@ -166,10 +167,27 @@ def _u16(data: bytes, at: int) -> int:
     return value
 
 
+def _jp2_codestream_at(frame: bytes) -> int:
+    """Where the codestream of a JP2 file (a non-conformant wrapper in DICOM) starts: the
+    payload of its top-level ``jp2c`` box, the one the decoder reads."""
+    at = 0
+    while at + 8 <= len(frame):
+        length, kind = struct.unpack_from(">I4s", frame, at)
+        header = 8
+        if length == 1:
+            length, header = struct.unpack_from(">Q", frame, at + 8)[0], 16
+        if kind == b"jp2c":
+            return at + header
+        if length < header:  # 0 (up to the end) before jp2c, or malformed
+            break
+        at += length
+    raise DecodeError("JP2 file without a codestream box")
+
+
 def _j2k_codestream(frame: bytes) -> Codestream:
     """Size, precision and decomposition levels from a J2K main header (SIZ, COD, COC)."""
-    at = frame.find(b"\xff\x4f\xff\x51")  # SOC then SIZ; also inside a (non-conformant) JP2 wrapper
-    if at < 0:
+    at = _jp2_codestream_at(frame) if frame.startswith(jpeg2000.JP2_SIGNATURE) else 0
+    if frame[at : at + 4] != b"\xff\x4f\xff\x51":  # SOC, then SIZ
         raise DecodeError("JPEG 2000 frame without a SIZ marker")
     siz = at + 2
     _, _, xsiz, ysiz, xosiz, yosiz, _, _, _, _, csiz = struct.unpack_from(">HHHIIIIIIIIH", frame, siz)[1:]
@@ -284,6 +302,11 @@ def _checked(ds: pydicom.Dataset, max_bytes: int) -> _Frame:
                 raise DecodeError(
                     f"the compressed frame is {stream.columns}x{stream.rows}x{stream.components}, "
                     f"the header declares {columns}x{rows}x{samples}"
+                )
+            if stream.precision > max(allocated, 8):
+                raise DecodeError(
+                    f"the compressed frame holds {stream.precision}-bit samples, "
+                    f"the header allocates {allocated} bits"
                 )
             if first is None:
                 first = stream, part
@@ -444,10 +467,10 @@ def decode_gray(
 ) -> np.ndarray:
     """Stored bytes -> ``[0, 1]`` grey image at the resolution the model needs.
 
-    What training and serving both decode with (the service gates the DICOM header between
-    :func:`read_dicom` and :func:`dicom_pixels`; same functions, same pixels): each codec is
-    asked for the smallest size whose short side is still >= ``pre.input_size``, then
-    :func:`to_input` resizes.
+    What training and serving both decode with (the service calls the same
+    :func:`decode_dicom` and :func:`open_picture`, with a gate between decoding and
+    windowing): each codec is asked for the smallest size whose short side is still
+    >= ``pre.input_size``, then :func:`to_input` resizes.
 
     Raises:
         DecodeError: undecodable, over ``max_bytes``, or not a single grey frame.

@@ -250,3 +250,22 @@ def test_the_trainer_and_the_service_decode_alike(tmp_path: Path) -> None:
     assert served.status == "ok" and served.pixels is not None
     trained = to_input(decode_gray(data, GATE.preprocessing, dicom=True), GATE.preprocessing)
     assert np.array_equal(served.pixels, trained)
+
+
+def test_a_jp2_wrapper_is_bounded_by_its_codestream_box_not_by_a_decoy() -> None:
+    """JP2 is non-conformant in DICOM but decoders read it: the size is the ``jp2c`` box's."""
+    pixels = radiograph(96, 80)
+    jp2 = encode_array(pixels, bits_stored=12, codec_format=1)
+    assert np.array_equal(decode_dicom(dicom(encapsulate([jp2]), JPEG2000Lossless, 96, 80))[1], pixels)
+    decoy = encode_array(radiograph(32, 32), bits_stored=12)[:60]  # a SOC + SIZ saying 32x32
+    box = struct.pack(">I4s", 8 + len(decoy), b"xml ") + decoy
+    signature = jp2.index(b"ftyp") - 4  # after the 12-byte signature box
+    hostile = jp2[:signature] + box + jp2[signature:]
+    with pytest.raises(DecodeError, match="frame is 80x96x1, the header declares 32x32x1"):
+        decode_dicom(dicom(encapsulate([hostile]), JPEG2000Lossless, 32, 32))
+
+
+def test_samples_wider_than_the_header_allocates_are_refused() -> None:
+    frame = encode_array(radiograph(64, 64), bits_stored=12)
+    with pytest.raises(DecodeError, match="12-bit samples, the header allocates 8 bits"):
+        decode_dicom(dicom(encapsulate([frame]), JPEG2000Lossless, 64, 64, bits=8, stored=8))

@@ -13,7 +13,8 @@
 2. Batching gain = worker throughput with --batch B / with batch 1 on the same queued
    studies, with p50/p99 of the per-batch claim-to-commit latency.
 3. Decode headroom per transfer syntax = decode+preprocess images/s with a pool of
-   --decode-workers processes (default: one per core) / forward images/s, at 2048² and
+   --decode-workers processes (default: one per core) / forward images/s (measured in the
+   same alternating slices), at 2048² and
    3000² (--decode-sides), before (every pixel decoded, then the resize) and after
    (decoded at the resolution the model needs: models.preprocess), in the same run. The
    syntaxes are one real chest radiograph (../shared/data/dicom/chest when present, else
@@ -70,7 +71,7 @@ from sqlalchemy.orm import Session, sessionmaker
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.ingest import dicom_224, free_port, wait_ready  # noqa: E402
-from models.bundle import load_bundle  # noqa: E402
+from models.bundle import Bundle, load_bundle  # noqa: E402
 from models.preprocess import gray_from_dicom, to_input  # noqa: E402
 from triage_api import auth  # noqa: E402
 from triage_api.db import make_engine, make_sessionmaker, migrate, transaction  # noqa: E402
@@ -345,11 +346,20 @@ def decode_pooled(pool: DecodePool, task: DecodeTask) -> int:
     return len(pool.map([task] * 2 * len(pool.pids)))
 
 
+def forward_once(bundle: Bundle, inputs: np.ndarray) -> int:
+    bundle.predict(inputs)
+    return len(inputs)
+
+
 def decode_headroom(
-    gate: Gate, corpus: dict[str, Path], forward: float, workers: int, seconds: float = 6.0
+    gate: Gate, corpus: dict[str, Path], bundle: Bundle, batch: int, workers: int, seconds: float = 8.0
 ) -> dict[str, dict[str, float]]:
     """Per syntax and arm (before: :func:`decode_full_size`; after: :func:`decode_study`):
-    images/s in one thread and in a pool of ``workers`` processes, and the pool's headroom."""
+    images/s in one thread and in a pool of ``workers`` processes, and the pool's headroom
+    over the forward pass, measured in the same alternating slices (the shared machine's
+    load changes by the minute: a forward rate from another minute would not compare)."""
+    size = bundle.card.preprocessing.input_size
+    inputs = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
     out: dict[str, dict[str, float]] = {}
     arms: dict[str, DecodeFn] = {"before": decode_full_size, "after": decode_study}
     pools = {arm: DecodePool(workers, timeout=600, decode=decode) for arm, decode in arms.items()}
@@ -362,15 +372,16 @@ def decode_headroom(
                 if checked.status != "ok":
                     raise RuntimeError(f"{name}: {checked.status} ({checked.reason})")
                 pools[arm].map([task] * workers)  # warm: every process has started and imported
-            runs: dict[str, Callable[[], int]] = {}
+            runs: dict[str, Callable[[], int]] = {"forward": partial(forward_once, bundle, inputs)}
             for arm, decode in arms.items():
                 runs[f"{arm}_one_thread"] = partial(decode_once, decode, task)
                 runs[f"{arm}_pool"] = partial(decode_pooled, pools[arm], task)
             rates = interleaved(runs, seconds)
+            row["forward_images_per_s"] = rates["forward"]
             for arm in arms:
                 row[f"{arm}_one_thread_images_per_s"] = rates[f"{arm}_one_thread"]
                 row[f"{arm}_pool_images_per_s"] = rates[f"{arm}_pool"]
-                row[f"{arm}_headroom"] = rates[f"{arm}_pool"] / forward
+                row[f"{arm}_headroom"] = rates[f"{arm}_pool"] / rates["forward"]
             row["speedup"] = row["after_pool_images_per_s"] / row["before_pool_images_per_s"]
             out[name] = row
     finally:
@@ -476,7 +487,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         corpora = {side: syntax_corpus(Path(tmp), side) for side in args.decode_sides}
         results["decode_headroom"] = {
-            str(side): decode_headroom(gate, corpus, forward, w) for side, corpus in corpora.items()
+            str(side): decode_headroom(gate, corpus, bundle, args.batch, w)
+            for side, corpus in corpora.items()
         }
         first_side = corpora[args.decode_sides[0]]
         copies = unique_copies(first_side, args.pipeline_studies)

@@ -26,7 +26,9 @@ _J2K, _JP2 = 0, 2  # OPJ_CODEC_FORMAT
 JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
 """How a JP2 file (a J2K codestream in boxes) starts."""
 _EOF = ctypes.c_size_t(-1).value  # what a read callback returns at the end of the stream
-THREADS = max(1, min(4, len(os.sched_getaffinity(0))))
+THREADS = max(
+    1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+)
 """OpenJPEG decodes code-blocks in this many threads (the cores this process may use, up to 4)."""
 
 

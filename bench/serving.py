@@ -13,15 +13,20 @@
 2. Batching gain = worker throughput with --batch B / with batch 1 on the same queued
    studies, with p50/p99 of the per-batch claim-to-commit latency.
 3. Decode headroom per transfer syntax = decode+preprocess images/s with a pool of
-   --decode-workers processes (default: one per core) / forward images/s. The syntaxes
-   are one real chest radiograph (../shared/data/dicom/chest when present, else
-   tests/data) re-encoded with pydicom's encoders: uncompressed, RLE, JPEG 2000 lossless;
-   JPEG baseline is encoded with Pillow (8-bit, as the syntax requires) and JPEG-LS is the
-   shared corpus's near-lossless file of the same image (pydicom has no JPEG-LS encoder
-   without pyjpegls). Also printed: the pool's gain over decoding in one thread.
+   --decode-workers processes (default: one per core) / forward images/s (measured in the
+   same alternating slices), at 2048² and
+   3000² (--decode-sides), before (every pixel decoded, then the resize) and after
+   (decoded at the resolution the model needs: models.preprocess), in the same run. The
+   syntaxes are one real chest radiograph (../shared/data/dicom/chest when present, else
+   tests/data) resized to the side and re-encoded with pydicom's encoders: uncompressed,
+   RLE, JPEG 2000 lossless and lossy (ratio 20), JPEG-LS lossless and near-lossless
+   (NEAR 2, CharLS); JPEG baseline is windowed to 8 bits and encoded with Pillow. Also
+   printed: decode images/s in one thread (= per core: what a GPU deployment provisions
+   cores by) and the pool's gain over it.
 4. Decode pipeline = worker studies/s on a queue of those real radiographs (mixed
    syntaxes) with --decode-workers processes decoding one batch ahead of the forward pass
-   / the same worker decoding in its own thread (``TRIAGE_DECODE_WORKERS=0``).
+   / the same worker decoding in its own thread (``TRIAGE_DECODE_WORKERS=0``); and the
+   worker's studies/s on the radiograph at 2048² as JPEG 2000 lossless / as uncompressed.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,17 +56,26 @@ import pydicom
 import torch
 from PIL import Image
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, RLELossless, generate_uid
+from pydicom.uid import (
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+    generate_uid,
+)
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.ingest import dicom_224, free_port, wait_ready  # noqa: E402
-from models.bundle import load_bundle  # noqa: E402
+from models.bundle import Bundle, load_bundle  # noqa: E402
+from models.preprocess import gray_from_dicom, to_input  # noqa: E402
 from triage_api import auth  # noqa: E402
 from triage_api.db import make_engine, make_sessionmaker, migrate, transaction  # noqa: E402
-from triage_api.decoding import DecodePool, DecodeTask, Gate, decode_study  # noqa: E402
+from triage_api.decoding import Decoded, DecodeFn, DecodePool, DecodeTask, Gate, decode_study  # noqa: E402
 from triage_api.ingest import accept_study, quiet_pydicom  # noqa: E402
 from triage_api.settings import Settings  # noqa: E402
 from triage_api.tables import Job, Prediction  # noqa: E402
@@ -69,7 +84,6 @@ from triage_api.worker import Worker  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CHEST = ROOT.parent / "shared" / "data" / "dicom" / "chest"
 SOURCE = "cr_chest_pa_j2k_lossy_RG1_J2KI.dcm"  # RG1: 1955x1841, 15 bits stored
-SOURCE_JPEG_LS = "cr_chest_pa_jpegls_nearlossless_RG1_JLSN.dcm"  # the same image, JPEG-LS
 FALLBACK = ROOT / "tests" / "data" / "cr_chest_pa_jpeg_baseline_siim.dcm"  # 1024x1024, 8 bits
 
 
@@ -255,26 +269,35 @@ def batching(args: argparse.Namespace, files: list[bytes]) -> dict[str, dict[str
     return results
 
 
-def syntax_corpus(out: Path) -> dict[str, Path]:
-    """One real chest radiograph written in each transfer syntax we can make here."""
+def syntax_corpus(out: Path, side: int) -> dict[str, Path]:
+    """One real chest radiograph resized to ``side`` x ``side`` and written in each transfer
+    syntax we can encode here."""
     source = SHARED_CHEST / SOURCE if (SHARED_CHEST / SOURCE).exists() else FALLBACK
     files: dict[str, Path] = {}
 
     def save(name: str, ds: pydicom.Dataset) -> None:
-        files[name] = out / f"{name.replace(' ', '_')}.dcm"
+        files[name] = out / f"{side}_{name.replace(' ', '_')}.dcm"
         ds.save_as(files[name], enforce_file_format=True)
 
     plain = pydicom.dcmread(source)
     plain.decompress()
+    picture = Image.fromarray(plain.pixel_array.astype(np.float32), mode="F")
+    resized = np.asarray(picture.resize((side, side), Image.Resampling.BICUBIC))
+    top = (1 << int(plain.BitsStored)) - 1
+    plain.PixelData = np.clip(np.round(resized), 0, top).astype(plain.pixel_array.dtype).tobytes()
+    plain.Rows = plain.Columns = side
     save("uncompressed", plain)
-    for name, uid in (("RLE lossless", RLELossless), ("JPEG 2000 lossless", JPEG2000Lossless)):
+    encodings: tuple[tuple[str, str, dict[str, Any]], ...] = (
+        ("RLE lossless", RLELossless, {}),
+        ("JPEG 2000 lossless", JPEG2000Lossless, {}),
+        ("JPEG 2000 lossy", JPEG2000, {"j2k_cr": [20]}),
+        ("JPEG-LS lossless", JPEGLSLossless, {}),
+        ("JPEG-LS near-lossless", JPEGLSNearLossless, {"jls_error": 2}),
+    )
+    for name, uid, options in encodings:
         ds = pydicom.dcmread(files["uncompressed"])
-        ds.compress(uid)
+        ds.compress(uid, **options)
         save(name, ds)
-    if source.name == SOURCE:
-        save("JPEG 2000 lossy", pydicom.dcmread(source))
-    if (SHARED_CHEST / SOURCE_JPEG_LS).exists() and source.name == SOURCE:
-        save("JPEG-LS near-lossless", pydicom.dcmread(SHARED_CHEST / SOURCE_JPEG_LS))
     # JPEG baseline holds 8 bits: window the same pixels to 8 bits, encode with Pillow.
     ds = pydicom.dcmread(files["uncompressed"])
     pixels = ds.pixel_array.astype(np.float64)
@@ -292,6 +315,14 @@ def syntax_corpus(out: Path) -> dict[str, Path]:
     return files
 
 
+def decode_full_size(task: DecodeTask) -> Decoded:
+    """Decoding as it was before resolution-aware decoding (the "before" arm): every pixel
+    through pydicom's default decoders, then the resize; no gate, which costs nothing here."""
+    pre = task.gate.preprocessing
+    ds = pydicom.dcmread(io.BytesIO(Path(task.path).read_bytes()))
+    return Decoded("ok", pixels=to_input(gray_from_dicom(ds, ds.pixel_array, pre), pre))
+
+
 def interleaved(runs: dict[str, Callable[[], int]], seconds: float, rounds: int = 3) -> dict[str, float]:
     """Images/s of each run (a callable returning how many images it did), measured in
     alternating slices so that a change in the shared machine's load hits them alike."""
@@ -306,31 +337,56 @@ def interleaved(runs: dict[str, Callable[[], int]], seconds: float, rounds: int 
     return {name: done[name] / spent[name] for name in runs}
 
 
+def decode_once(decode: DecodeFn, task: DecodeTask) -> int:
+    decode(task)
+    return 1
+
+
+def decode_pooled(pool: DecodePool, task: DecodeTask) -> int:
+    return len(pool.map([task] * 2 * len(pool.pids)))
+
+
+def forward_once(bundle: Bundle, inputs: np.ndarray) -> int:
+    bundle.predict(inputs)
+    return len(inputs)
+
+
 def decode_headroom(
-    gate: Gate, corpus: dict[str, Path], forward: float, workers: int, seconds: float = 6.0
+    gate: Gate, corpus: dict[str, Path], bundle: Bundle, batch: int, workers: int, seconds: float = 8.0
 ) -> dict[str, dict[str, float]]:
+    """Per syntax and arm (before: :func:`decode_full_size`; after: :func:`decode_study`):
+    images/s in one thread and in a pool of ``workers`` processes, and the pool's headroom
+    over the forward pass, measured in the same alternating slices (the shared machine's
+    load changes by the minute: a forward rate from another minute would not compare)."""
+    size = bundle.card.preprocessing.input_size
+    inputs = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
     out: dict[str, dict[str, float]] = {}
-    with DecodePool(workers, timeout=600) as pool:
+    arms: dict[str, DecodeFn] = {"before": decode_full_size, "after": decode_study}
+    pools = {arm: DecodePool(workers, timeout=600, decode=decode) for arm, decode in arms.items()}
+    try:
         for name, path in corpus.items():
             task = DecodeTask(str(path), True, gate)
-            checked = decode_study(task)
-            if checked.status != "ok":
-                raise RuntimeError(f"{name}: {checked.status} ({checked.reason})")
-            pool.map([task] * workers)  # warm: every process has started and imported its decoder
-            rates = interleaved(
-                {
-                    "one_thread": lambda: len([decode_study(task)]),  # noqa: B023
-                    "pool": lambda: len(pool.map([task] * 2 * workers)),  # noqa: B023
-                },
-                seconds,
-            )
-            out[name] = {
-                "size_bytes": path.stat().st_size,
-                "one_thread_images_per_s": rates["one_thread"],
-                "pool_images_per_s": rates["pool"],
-                "pool_gain": rates["pool"] / rates["one_thread"],
-                "headroom": rates["pool"] / forward,
-            }
+            row: dict[str, float] = {"size_bytes": path.stat().st_size}
+            for arm, decode in arms.items():
+                checked = decode(task)
+                if checked.status != "ok":
+                    raise RuntimeError(f"{name}: {checked.status} ({checked.reason})")
+                pools[arm].map([task] * workers)  # warm: every process has started and imported
+            runs: dict[str, Callable[[], int]] = {"forward": partial(forward_once, bundle, inputs)}
+            for arm, decode in arms.items():
+                runs[f"{arm}_one_thread"] = partial(decode_once, decode, task)
+                runs[f"{arm}_pool"] = partial(decode_pooled, pools[arm], task)
+            rates = interleaved(runs, seconds)
+            row["forward_images_per_s"] = rates["forward"]
+            for arm in arms:
+                row[f"{arm}_one_thread_images_per_s"] = rates[f"{arm}_one_thread"]
+                row[f"{arm}_pool_images_per_s"] = rates[f"{arm}_pool"]
+                row[f"{arm}_headroom"] = rates[f"{arm}_pool"] / rates["forward"]
+            row["speedup"] = row["after_pool_images_per_s"] / row["before_pool_images_per_s"]
+            out[name] = row
+    finally:
+        for pool in pools.values():
+            pool.close()
     return out
 
 
@@ -392,6 +448,9 @@ def main() -> None:
         "--decode-workers", type=int, default=os.cpu_count() or 1, help="decode processes (default: cores)"
     )
     parser.add_argument("--pipeline-studies", type=int, default=32, help="real radiographs for 4.")
+    parser.add_argument(
+        "--decode-sides", type=int, nargs="+", default=[2048, 3000], help="radiograph sides for 3. and 4."
+    )
     parser.add_argument("--skip-http", action="store_true", help="only 3. and 4. (decode)")
     args = parser.parse_args()
     quiet_pydicom()
@@ -423,21 +482,41 @@ def main() -> None:
             batching_gain=gains[f"batch_{args.batch}"]["studies_per_s"] / gains["batch_1"]["studies_per_s"],
         )
     results["forward_images_per_s"] = forward
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = syntax_corpus(Path(tmp))
-        results["decode_headroom"] = decode_headroom(
-            any_age(Gate.of(bundle.card)), corpus, forward, args.decode_workers
-        )
-        copies = unique_copies(corpus, args.pipeline_studies)
-    # A B B A: a linear drift in the shared machine's load hits both arms alike.
+    gate = any_age(Gate.of(bundle.card))
     w = args.decode_workers
+    with tempfile.TemporaryDirectory() as tmp:
+        corpora = {side: syntax_corpus(Path(tmp), side) for side in args.decode_sides}
+        results["decode_headroom"] = {
+            str(side): decode_headroom(gate, corpus, bundle, args.batch, w)
+            for side, corpus in corpora.items()
+        }
+        first_side = corpora[args.decode_sides[0]]
+        copies = unique_copies(first_side, args.pipeline_studies)
+        # The same radiograph as JPEG 2000 lossless vs uncompressed, scored by the worker.
+        by_syntax = {
+            name: unique_copies({name: first_side[name]}, args.pipeline_studies)
+            for name in ("uncompressed", "JPEG 2000 lossless")
+        }
+    # A B B A: a linear drift in the shared machine's load hits both arms alike.
     first, pooled_a, pooled_b, last = (pipeline(args, copies, n) for n in (0, w, w, 0))
     in_thread, pooled = (first + last) / 2, (pooled_a + pooled_b) / 2
     results["decode_pipeline"] = {
         "studies": len(copies),
+        "side": args.decode_sides[0],
         "in_thread_studies_per_s": in_thread,
         "pool_studies_per_s": pooled,
         "pool_gain": pooled / in_thread,
+    }
+    plain_a, j2k_a, j2k_b, plain_b = (
+        pipeline(args, by_syntax[name], w)
+        for name in ("uncompressed", "JPEG 2000 lossless", "JPEG 2000 lossless", "uncompressed")
+    )
+    results["j2k_lossless_vs_uncompressed"] = {
+        "studies": args.pipeline_studies,
+        "side": args.decode_sides[0],
+        "uncompressed_studies_per_s": (plain_a + plain_b) / 2,
+        "j2k_lossless_studies_per_s": (j2k_a + j2k_b) / 2,
+        "ratio": (j2k_a + j2k_b) / (plain_a + plain_b),
     }
     print(json.dumps(results, indent=2))
     if args.json:

@@ -29,6 +29,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from models.preprocess import (
+    MAX_DECODED_BYTES,
     DecodeError,
     Preprocessing,
     age_band,
@@ -86,6 +87,8 @@ class DecodeTask:
     path: str
     dicom: bool
     gate: Gate
+    max_decoded_bytes: int = MAX_DECODED_BYTES
+    """The site's bound on a decoded image, checked again on the codestream before decoding."""
 
 
 @dataclass(frozen=True)
@@ -105,13 +108,18 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     return str(value).strip() or None if value is not None else None
 
 
-def model_input(data: bytes, dicom: bool, gate: Gate) -> np.ndarray:
+def model_input(data: bytes, dicom: bool, gate: Gate, max_bytes: int = MAX_DECODED_BYTES) -> np.ndarray:
     """Decode and gate a stored study, and return the ``(3, S, S)`` model input.
+
+    The pixels are decoded at the resolution the model needs, as
+    :func:`models.preprocess.decode_gray` (the trainer's) decodes them, and before the
+    header is gated, so that a broken file ends ``failed`` whatever its body part.
 
     Args:
         data: the stored bytes.
         dicom: DICOM Part 10 (else a PNG/JPEG picture).
         gate: the model's preprocessing and intended use.
+        max_bytes: bound on the full-size decoded image.
 
     Raises:
         NotForModel: the header (or picture) says the model is not for this study.
@@ -119,12 +127,12 @@ def model_input(data: bytes, dicom: bool, gate: Gate) -> np.ndarray:
     """
     pre = gate.preprocessing
     if not dicom:
-        image = open_picture(data)
+        image = open_picture(data, min_side=pre.input_size, max_bytes=max_bytes)
         if not is_grey(image):
             raise NotForModel("colour picture; the model reads greyscale radiographs")
         return to_input(gray_from_image(image, pre), pre)
 
-    ds, pixels = decode_dicom(data)
+    ds, pixels = decode_dicom(data, min_side=pre.input_size, max_bytes=max_bytes)
     modality = str(ds.get("Modality", "")).strip().upper()
     if modality not in gate.modalities:
         raise NotForModel(f"modality {modality or 'missing'} is outside the model's intended use")
@@ -154,7 +162,7 @@ def decode_study(task: DecodeTask) -> Decoded:
     """
     try:
         data = Path(task.path).read_bytes()
-        return Decoded("ok", pixels=model_input(data, task.dicom, task.gate))
+        return Decoded("ok", pixels=model_input(data, task.dicom, task.gate, task.max_decoded_bytes))
     except NotForModel as exc:
         return Decoded("not_analyzed", reason=str(exc))
     except DecodeError as exc:

@@ -2,13 +2,17 @@
 
 Both are derived from the stored blob on demand. The heat map needs the model, loaded
 lazily once per process (the first heat map pays for it); each case's map is cached as a
-file next to its blob, named by the model version that made it.
+file next to its blob, named by the model version that made it. A study that cannot be
+decoded is remembered by its blob's digest, so the routes do not decode it again on every
+request.
 """
 
 from __future__ import annotations
 
 import io
 import threading
+from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -18,6 +22,7 @@ from audit.log import EventCode, record
 from models.bundle import Bundle, load_bundle
 from models.explain import gradcam
 from models.preprocess import (
+    MAX_DECODED_BYTES,
     DecodeError,
     Preprocessing,
     decode_dicom,
@@ -56,16 +61,20 @@ def _png(image: Image.Image) -> bytes:
     return out.getvalue()
 
 
-def _gray(data: bytes, media_type: str, pre: Preprocessing) -> np.ndarray:
+def _gray(data: bytes, media_type: str, pre: Preprocessing, *, min_side: int, max_bytes: int) -> np.ndarray:
     """The study as a ``[0, 1]`` grey image, read the way the model reads it.
+
+    Args:
+        min_side: decode at the smallest size whose short side is still >= this (0: full size).
+        max_bytes: bound on the full-size decoded image, checked before decoding.
 
     Raises:
         InvalidStudy: the pixels cannot be decoded.
     """
     try:
         if media_type != DICOM:
-            return gray_from_image(open_picture(data), pre)
-        ds, pixels = decode_dicom(data)
+            return gray_from_image(open_picture(data, min_side=min_side, max_bytes=max_bytes), pre)
+        ds, pixels = decode_dicom(data, min_side=min_side, max_bytes=max_bytes)
         if pixels.ndim == 2:
             return gray_from_dicom(ds, pixels, pre)
         # Colour or multi-frame (never scored): show the first frame as a plain picture.
@@ -76,19 +85,47 @@ def _gray(data: bytes, media_type: str, pre: Preprocessing) -> np.ndarray:
         span = float(gray.max() - gray.min()) or 1.0
         return (gray - float(gray.min())) / span
     except (DecodeError, ValueError, TypeError, IndexError) as exc:
-        raise InvalidStudy(f"cannot display the study ({type(exc).__name__})") from None
+        reason = str(exc) if isinstance(exc, DecodeError) else type(exc).__name__
+        raise InvalidStudy(f"cannot display the study: {reason}") from None
 
 
-def display_png(data: bytes, media_type: str) -> bytes:
+_UNDECODABLE_KEPT = 4096
+_undecodable: OrderedDict[str, str] = OrderedDict()
+_undecodable_lock = threading.Lock()
+
+
+def _once(digest: str, render: Callable[[], bytes]) -> bytes:
+    """``render()``, unless the study with this blob digest failed to decode before.
+
+    A failed study is not decoded again on every request: a hostile one would cost its
+    decoder's time and memory each time. The reason is kept (most recent 4096 studies,
+    per process), so the answer is the same 422.
+    """
+    with _undecodable_lock:
+        reason = _undecodable.get(digest)
+    if reason is not None:
+        raise InvalidStudy(reason)
+    try:
+        return render()
+    except InvalidStudy as exc:
+        with _undecodable_lock:
+            _undecodable[digest] = str(exc)
+            while len(_undecodable) > _UNDECODABLE_KEPT:
+                _undecodable.popitem(last=False)
+        raise
+
+
+def display_png(data: bytes, media_type: str, max_bytes: int = MAX_DECODED_BYTES) -> bytes:
     """An 8-bit grey PNG of the study for the browser (which cannot show DICOM).
 
     DICOM goes through the same modality LUT, VOI window and MONOCHROME1 inversion as the
-    model's input; the viewer's window/level then works on this picture.
+    model's input; the viewer's window/level then works on this picture, decoded at full
+    size (a reader zooms in).
 
     Raises:
-        InvalidStudy: the pixels cannot be decoded.
+        InvalidStudy: the pixels cannot be decoded, or are over ``max_bytes``.
     """
-    gray = _gray(data, media_type, Preprocessing())
+    gray = _gray(data, media_type, Preprocessing(), min_side=0, max_bytes=max_bytes)
     image = Image.fromarray((np.clip(gray, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), mode="L")
     image.thumbnail((MAX_DISPLAY_SIDE, MAX_DISPLAY_SIDE), Image.Resampling.LANCZOS)
     return _png(image)
@@ -104,10 +141,11 @@ def _colour(cam: np.ndarray) -> Image.Image:
     return Image.fromarray((rgba * 255 + 0.5).astype(np.uint8), mode="RGBA")
 
 
-def _heatmap_png(bundle: Bundle, data: bytes, media_type: str) -> bytes:
-    """Grad-CAM on the model's own preprocessed input, cropped back to the picture."""
+def _heatmap_png(bundle: Bundle, data: bytes, media_type: str, max_bytes: int) -> bytes:
+    """Grad-CAM on the model's own preprocessed input (decoded as for scoring), cropped back
+    to the picture."""
     pre = bundle.card.preprocessing
-    gray = _gray(data, media_type, pre)
+    gray = _gray(data, media_type, pre, min_side=pre.input_size, max_bytes=max_bytes)
     cam = gradcam(bundle, to_input(gray, pre))
     if pre.resize != "stretch":  # drop the padding so the map lies over the picture itself
         h, w = gray.shape
@@ -154,8 +192,12 @@ def heatmap_png(case: Case, settings: Settings) -> bytes:
     cached = source.with_name(f"{case.sha256}.heatmap.{bundle.card.name}-{bundle.card.version}.png")
     if cached.exists():
         return cached.read_bytes()
-    data = source.read_bytes()
-    png = _heatmap_png(bundle, data, case.media_type)
+    png = _once(
+        case.sha256,
+        lambda: _heatmap_png(
+            bundle, read_blob(settings.blob_dir, case.sha256), case.media_type, settings.max_decoded_bytes
+        ),
+    )
     write_atomically(cached, png)
     return png
 
@@ -175,5 +217,11 @@ def image_case(session: Session, *, principal: Principal, case_id: str) -> Case:
 
 
 def case_png(case: Case, settings: Settings) -> bytes:
-    """The display PNG of ``case`` (see :func:`display_png`)."""
-    return display_png(read_blob(settings.blob_dir, case.sha256), case.media_type)
+    """The display PNG of ``case`` (see :func:`display_png`); a study that failed to decode
+    before is answered from memory."""
+    return _once(
+        case.sha256,
+        lambda: display_png(
+            read_blob(settings.blob_dir, case.sha256), case.media_type, settings.max_decoded_bytes
+        ),
+    )

@@ -138,7 +138,10 @@ class Worker:
         """Decode and gate claimed studies: in :attr:`pool` if there is one, else in this thread."""
         tasks = [
             DecodeTask(
-                str(blob_path(self.settings.blob_dir, claim.sha256)), claim.media_type == DICOM, self.gate
+                str(blob_path(self.settings.blob_dir, claim.sha256)),
+                claim.media_type == DICOM,
+                self.gate,
+                self.settings.max_decoded_bytes,
             )
             for claim in claims
         ]

@@ -37,10 +37,11 @@ from models.preprocess import (
     to_input,
 )
 from tests.conftest import shared_data
+from triage_api.blobs import blob_path
 from triage_api.decoding import DecodeTask, Gate, decode_study
 from triage_api.errors import InvalidStudy
 from triage_api.imaging import case_png
-from triage_api.ingest import DICOM, blob_path
+from triage_api.ingest import DICOM
 from triage_api.settings import Settings
 from triage_api.tables import Case
 
@@ -52,7 +53,8 @@ def radiograph(rows: int, columns: int, seed: int = 0) -> np.ndarray:
     y, x = np.mgrid[0:rows, 0:columns]
     rng = np.random.default_rng(seed)
     values = 2000 + 1500 * np.sin(x / 37.0) * np.cos(y / 23.0) + rng.normal(0, 40, (rows, columns))
-    return np.clip(values, 0, 4095).astype(np.uint16)
+    picture: np.ndarray = np.clip(values, 0, 4095).astype(np.uint16)
+    return picture
 
 
 def dicom(
@@ -67,8 +69,8 @@ def dicom(
 ) -> bytes:
     ds = pydicom.Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = syntax
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.UID(syntax)
+    ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.UID("1.2.840.10008.5.1.4.1.1.1")
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
@@ -236,7 +238,7 @@ def test_jpeg_ls_decodes_as_libjpeg_does() -> None:
     path = shared_data("dicom", "chest", "cr_chest_pa_jpegls_nearlossless_RG1_JLSN.dcm")
     ds = pydicom.dcmread(path)
     assert ds.file_meta.TransferSyntaxUID == JPEGLSNearLossless
-    reference = pydicom.pixels.pixel_array(ds, decoding_plugin="pylibjpeg")
+    reference = pydicom.pixels.pixel_array(ds, decoding_plugin="pylibjpeg")  # type: ignore[attr-defined]
     assert np.array_equal(decode_dicom(path.read_bytes())[1], reference)
 
 

@@ -69,6 +69,7 @@ def _migrate(args: argparse.Namespace) -> int:
         problem = site_problem(settings)
         print(problem or f"schema at {head_revision()}: current")
         return 1 if problem else 0
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     database = sqlite_path(settings)
     if database is not None:
         database.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -1,7 +1,9 @@
 """``triage backup DEST`` and ``triage restore SRC``: a consistent copy of a site, and back.
 
 A backup is a folder: the database (SQLite's online backup API, or ``pg_dump``'s snapshot),
-the study blobs the database refers to, the audit checkpoint copy, the checkpoint key's
+the study blobs the database refers to, the pseudonym key (without it a restored site would
+give a returning patient a new pseudonym; the blobs hold more than it reveals), the audit
+checkpoint copy, the checkpoint key's
 *public* half, the model bundle in use, and ``manifest.json`` with every file's sha256.
 
 Order makes it consistent while the service runs. The checkpoint copy is read first, so it
@@ -46,6 +48,8 @@ SQLITE_FILE = "triage.db"
 PG_DUMP_FILE = "database.dump"
 COPY_FILE = "audit-checkpoints.jsonl"
 PUBLIC_KEY_FILE = "audit-public.pem"
+PSEUDONYM_KEY = "secrets/pseudonym.key"
+"""Where the service keeps its pseudonym key, relative to the data directory (and in a backup)."""
 _LIBPQ_QUERY = {
     "sslmode": "PGSSLMODE",
     "sslrootcert": "PGSSLROOTCERT",
@@ -149,6 +153,9 @@ def backup(settings: Settings, dest: Path) -> Summary:
     if settings.audit_key_path.is_file():
         public_key = load_signing_key(settings.audit_key_path).public_key()
         (dest / PUBLIC_KEY_FILE).write_text(public_key_pem(public_key))
+
+    if (settings.data_dir / PSEUDONYM_KEY).is_file():
+        _copy(settings.data_dir / PSEUDONYM_KEY, dest / PSEUDONYM_KEY)
 
     database = sqlite_path(settings)
     engine = make_engine(settings.sqlalchemy_url, read_only=True)
@@ -255,6 +262,8 @@ def _target_problem(settings: Settings, kind: str) -> str | None:
         return f"{settings.blob_dir} holds files"
     if settings.audit_copy_path.exists():
         return f"{settings.audit_copy_path} exists"
+    if (settings.data_dir / PSEUDONYM_KEY).exists():
+        return f"{settings.data_dir / PSEUDONYM_KEY} exists (a service has started here)"
     return None
 
 
@@ -299,7 +308,7 @@ def restore(settings: Settings, src: Path) -> Summary:
     for name in manifest["files"]:
         if name.startswith("blobs/"):
             _copy(src / name, settings.blob_dir / Path(name).relative_to("blobs"))
-        elif name.startswith("models/"):
+        elif name.startswith("models/") or name == PSEUDONYM_KEY:
             _copy(src / name, settings.data_dir / name)
     if (src / COPY_FILE).is_file():
         _copy(src / COPY_FILE, settings.audit_copy_path)

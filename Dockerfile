@@ -35,11 +35,12 @@ LABEL org.opencontainers.image.title="triage" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.vendor="Triage"
 
-# The data directory exists, owned by the service user, before VOLUME: a new volume is
-# initialised from it (a VOLUME path the image lacks is created root-owned and unwritable).
+# The data directory (and compose's checkpoint-copy directory) exist, owned by the service
+# user, before VOLUME: a new volume is initialised from them (a VOLUME path the image lacks
+# is created root-owned, and the service could not write it).
 RUN groupadd --system --gid 10001 triage \
     && useradd --system --uid 10001 --gid triage --home-dir /var/lib/triage --shell /usr/sbin/nologin triage \
-    && install -d -o triage -g triage -m 0700 /var/lib/triage /var/lib/triage/data
+    && install -d -o triage -g triage -m 0700 /var/lib/triage /var/lib/triage/data /var/lib/triage/audit
 COPY --from=build /opt/triage /opt/triage
 
 # Inside a container the service must listen beyond loopback; publish the port explicitly.

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "models" / "bundles" / "cxr-pneumonia-lite0"
 SITE_CONFIG = Path("/etc/triage/triage.env")
@@ -71,6 +72,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./var")
     database_url: str | None = None
     """SQLAlchemy URL; empty means SQLite at ``<data_dir>/triage.db``."""
+    database_password_file: Path | None = None
+    """A file holding the password for ``database_url`` (a container secret or systemd
+    credential), so that the URL, an environment variable, carries none."""
     model_path: Path = DEFAULT_BUNDLE
     device: str = "cpu"
     compile_model: bool = False
@@ -164,4 +168,9 @@ class Settings(BaseSettings):
 
     @property
     def sqlalchemy_url(self) -> str:
-        return self.database_url or f"sqlite:///{(self.data_dir / 'triage.db').resolve()}"
+        if not self.database_url:
+            return f"sqlite:///{(self.data_dir / 'triage.db').resolve()}"
+        if self.database_password_file is None:
+            return self.database_url
+        password = self.database_password_file.read_text().strip()
+        return make_url(self.database_url).set(password=password).render_as_string(hide_password=False)

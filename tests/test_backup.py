@@ -199,7 +199,12 @@ def test_drill_backup_under_upload_load_restores_every_case_blob_and_event(
     ).read_bytes()
 
     # The service is quiet now: a second backup restores to an identical copy of every table.
-    backup(settings, tmp_path / "backup-quiet")
+    quiet = backup(settings, tmp_path / "backup-quiet", link_dest=tmp_path / "backup-live")
+    assert quiet.cases == len(before_backup) + len(during)
+    linked = [
+        p for p in (tmp_path / "backup-quiet" / "blobs").rglob("*") if p.is_file() and p.stat().st_nlink == 2
+    ]
+    assert len(linked) == live.blobs  # the live backup's blobs are shared, not copied again
     again = site(tmp_path, "again", fresh_url("quiet"), tiny_bundle, settings.audit_key_path)
     restore(again, tmp_path / "backup-quiet")
     assert rows(again.sqlalchemy_url) == rows(settings.sqlalchemy_url)

@@ -138,8 +138,32 @@ def _referenced_blobs(url: str) -> tuple[list[str], int, int]:
     return digests, cases, events
 
 
-def backup(settings: Settings, dest: Path) -> Summary:
+def _previous_blobs(link_dest: Path | None) -> dict[str, Path]:
+    """The blobs of an earlier backup, by name, each checked against its manifest's sha256
+    when that backup was written; blobs never change, so a new backup hard-links them."""
+    if link_dest is None:
+        return {}
+    try:
+        manifest = json.loads((link_dest / MANIFEST).read_text())
+    except (OSError, ValueError):
+        raise BackupError(
+            f"--link-dest {link_dest} is not a finished backup (no readable {MANIFEST})"
+        ) from None
+    return {
+        name: link_dest / name
+        for name, entry in manifest["files"].items()
+        if name.startswith("blobs/") and Path(name).name == entry["sha256"] and (link_dest / name).is_file()
+    }
+
+
+def backup(settings: Settings, dest: Path, *, link_dest: Path | None = None) -> Summary:
     """Write a backup of the site into ``dest`` (absent or empty).
+
+    Args:
+        settings: the site.
+        dest: the new backup's folder.
+        link_dest: an earlier backup on the same file system: blobs it holds are hard-linked,
+            not copied, so frequent backups cost the new studies only.
 
     Raises:
         BackupError: ``dest`` holds files, a tool is missing or failed, or a blob is damaged.
@@ -178,14 +202,22 @@ def backup(settings: Settings, dest: Path) -> Summary:
         snapshot_url = settings.sqlalchemy_url  # blobs named now are a superset of the dump's
     digests, cases, events = _referenced_blobs(snapshot_url)
 
+    previous = _previous_blobs(link_dest)
+    blobs: dict[str, dict[str, Any]] = {}
     for digest in digests:
-        source_blob = blob_path(settings.blob_dir, digest)
-        if not source_blob.is_file():
-            raise BackupError(f"blob {digest} of a case is missing from {settings.blob_dir}")
-        target_blob = blob_path(dest / "blobs", digest)
-        _copy(source_blob, target_blob)
-        if _sha256(target_blob) != digest:
-            raise BackupError(f"blob {digest} is damaged on disk (its content has another sha256)")
+        name = str(blob_path(Path("blobs"), digest))
+        target_blob = dest / name
+        if name in previous:
+            target_blob.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.link(previous[name], target_blob)
+        else:
+            source_blob = blob_path(settings.blob_dir, digest)
+            if not source_blob.is_file():
+                raise BackupError(f"blob {digest} of a case is missing from {settings.blob_dir}")
+            _copy(source_blob, target_blob)
+            if _sha256(target_blob) != digest:
+                raise BackupError(f"blob {digest} is damaged on disk (its content has another sha256)")
+        blobs[name] = {"sha256": digest, "bytes": target_blob.stat().st_size}
 
     model = settings.model_path.resolve()
     if model.is_dir():
@@ -195,8 +227,9 @@ def backup(settings: Settings, dest: Path) -> Summary:
     files: dict[str, dict[str, Any]] = {
         str(path.relative_to(dest)): {"sha256": _sha256(path), "bytes": path.stat().st_size}
         for path in sorted(dest.rglob("*"))
-        if path.is_file()
+        if path.is_file() and not path.is_relative_to(dest / "blobs")
     }
+    files.update(blobs)
     manifest = {
         "format": FORMAT,
         "created_at": datetime.now(UTC).isoformat(),

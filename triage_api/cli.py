@@ -98,7 +98,7 @@ def _backup(args: argparse.Namespace) -> int:
     from triage_api.backup import BackupError, backup
 
     try:
-        summary = backup(Settings(), Path(args.dest))
+        summary = backup(Settings(), Path(args.dest), link_dest=args.link_dest)
     except BackupError as exc:
         raise NotPermitted(str(exc)) from None
     print(
@@ -267,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     save = commands.add_parser("backup", help="copy the site consistently into a new folder, while it runs")
     save.add_argument("dest", help="a new or empty folder")
+    save.add_argument(
+        "--link-dest",
+        type=Path,
+        default=None,
+        help="an earlier backup on the same file system: hard-link the blobs it holds (incremental)",
+    )
     save.set_defaults(func=_backup)
     back = commands.add_parser("restore", help="restore a backup into an empty site (checks every sha256)")
     back.add_argument("src", help="a folder written by `triage backup`")

@@ -8,6 +8,7 @@ A command run from the wrong directory used to create an empty database there an
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import stat
@@ -41,9 +42,19 @@ def head_revision() -> str:
 
 
 def current_revision(engine: Engine) -> str | None:
-    """The database's schema revision; None for a database without the Triage schema."""
-    with engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
+    """The database's schema revision; None for a database without the Triage schema.
+
+    Alembic announces every context it opens at INFO; a look-up is not news, so the
+    announcement is held back (``triage migrate`` still logs the upgrades it runs).
+    """
+    announcer = logging.getLogger("alembic.runtime.migration")
+    level = announcer.level
+    announcer.setLevel(logging.WARNING)
+    try:
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+    finally:
+        announcer.setLevel(level)
 
 
 def sqlite_path(settings: Settings) -> Path | None:

@@ -180,6 +180,8 @@ def test_drill_backup_under_upload_load_restores_every_case_blob_and_event(
     assert summary.cases == live.cases >= len(before_backup)
     source, copy = rows(settings.sqlalchemy_url), rows(restored.sqlalchemy_url)
     restored_ids = {row[0] for row in copy["cases"]}
+    assert len(restored_ids) == live.cases  # the manifest counts the snapshot it holds
+    assert len(copy["audit_events"]) == live.audit_events
     assert set(before_backup) <= restored_ids <= set(before_backup + during)
     columns = [c.name for c in Case.__table__.columns]
     immutable = [columns.index(name) for name in IMMUTABLE_CASE_COLUMNS]

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, inspect, select
+from sqlalchemy import Connection, func, inspect, select, text
 from sqlalchemy.engine import URL, make_url
 
 from audit.keys import load_signing_key, public_key_pem
@@ -125,17 +125,46 @@ def _checkpoint_lines(path: Path) -> bytes:
     return data[: data.rfind(b"\n") + 1]
 
 
-def _referenced_blobs(url: str) -> tuple[list[str], int, int]:
-    """The blobs a database names, with its case and audit event counts."""
-    engine = make_engine(url, read_only=True)
+def _referenced_blobs(connection: Connection) -> tuple[list[str], int, int]:
+    """The blobs a database snapshot names, with its case and audit event counts."""
+    digests = list(connection.execute(select(Case.sha256).distinct()).scalars())
+    cases = int(connection.execute(select(func.count()).select_from(Case)).scalar_one())
+    events = int(connection.execute(select(func.count()).select_from(AuditEvent)).scalar_one())
+    return digests, cases, events
+
+
+def _sqlite_snapshot(database: Path, target: Path) -> tuple[list[str], int, int]:
+    """Copy the database with SQLite's online backup API (one consistent snapshot while
+    writers go on), then read what the copy names."""
+    source = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    copy = sqlite3.connect(target)
+    try:
+        source.backup(copy)
+    finally:
+        copy.close()
+        source.close()
+    engine = make_engine(f"sqlite:///{target.resolve()}", read_only=True)
     try:
         with engine.connect() as connection:
-            digests = list(connection.execute(select(Case.sha256).distinct()).scalars())
-            cases = int(connection.execute(select(func.count()).select_from(Case)).scalar_one())
-            events = int(connection.execute(select(func.count()).select_from(AuditEvent)).scalar_one())
+            return _referenced_blobs(connection)
     finally:
         engine.dispose()
-    return digests, cases, events
+
+
+def _pg_snapshot(url: str, target: Path) -> tuple[list[str], int, int]:
+    """``pg_dump`` of a snapshot this process exports, and what that same snapshot names:
+    the dump, the blob list and the counts agree exactly while uploads go on."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            connection = connection.execution_options(isolation_level="REPEATABLE READ")
+            with connection.begin():
+                snapshot: str = connection.execute(text("SELECT pg_export_snapshot()")).scalar_one()
+                dump = [_pg_tool("pg_dump"), "--format=custom", "--no-owner", "--no-privileges"]
+                _run([*dump, f"--snapshot={snapshot}", f"--file={target}"], _libpq_env(make_url(url)))
+                return _referenced_blobs(connection)
+    finally:
+        engine.dispose()
 
 
 def _previous_blobs(link_dest: Path | None) -> dict[str, Path]:
@@ -188,19 +217,9 @@ def backup(settings: Settings, dest: Path, *, link_dest: Path | None = None) -> 
     finally:
         engine.dispose()
     if database is not None:
-        source = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
-        target = sqlite3.connect(dest / SQLITE_FILE)
-        try:
-            source.backup(target)  # one consistent snapshot, writers keep going
-        finally:
-            target.close()
-            source.close()
-        snapshot_url = f"sqlite:///{(dest / SQLITE_FILE).resolve()}"
+        digests, cases, events = _sqlite_snapshot(database, dest / SQLITE_FILE)
     else:
-        dump = [_pg_tool("pg_dump"), "--format=custom", "--no-owner", "--no-privileges"]
-        _run([*dump, f"--file={dest / PG_DUMP_FILE}"], _libpq_env(make_url(settings.sqlalchemy_url)))
-        snapshot_url = settings.sqlalchemy_url  # blobs named now are a superset of the dump's
-    digests, cases, events = _referenced_blobs(snapshot_url)
+        digests, cases, events = _pg_snapshot(settings.sqlalchemy_url, dest / PG_DUMP_FILE)
 
     previous = _previous_blobs(link_dest)
     blobs: dict[str, dict[str, Any]] = {}

@@ -33,13 +33,14 @@ from typing import Any
 
 from sqlalchemy import Connection, func, inspect, select, text
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from audit.keys import load_signing_key, public_key_pem
 from audit.log import AuditEvent
 from triage_api.db import make_engine
 from triage_api.ingest import blob_path
 from triage_api.settings import Settings
-from triage_api.site import current_revision, sqlite_path
+from triage_api.site import current_revision, describe, sqlite_path
 from triage_api.tables import Case
 
 MANIFEST = "manifest.json"
@@ -306,6 +307,9 @@ def _target_problem(settings: Settings, kind: str) -> str | None:
         try:
             with engine.connect() as connection:
                 tables = inspect(connection).get_table_names()
+        except SQLAlchemyError as exc:
+            reason = type(exc).__name__
+            return f"cannot reach the target database {describe(settings)} ({reason}): create it empty"
         finally:
             engine.dispose()
         if tables:

@@ -300,6 +300,8 @@ def test_doctor_names_what_to_fix(tmp_path: Path, database_url: str, tiny_bundle
     assert sick.returncode == 1
     assert "FAIL  model" in sick.stdout and "WARN  data directory" in sick.stdout
     assert "chmod 700" in sick.stdout and "TRIAGE_DATA_DIRR" in sick.stdout
+    invalid = run_triage({**env, "TRIAGE_PORT": "eighty"}, "doctor")
+    assert invalid.returncode == 1 and "FAIL  settings: TRIAGE_PORT:" in invalid.stdout
 
 
 def test_doctor_catches_a_clock_set_back(settings: Settings) -> None:

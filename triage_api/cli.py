@@ -84,9 +84,17 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _doctor(_args: argparse.Namespace) -> int:
-    from triage_api.site import doctor
+    from pydantic import ValidationError
 
-    findings = doctor(Settings())
+    from triage_api.site import Finding, doctor
+
+    try:
+        findings = doctor(Settings())
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"TRIAGE_{'_'.join(map(str, error['loc'])).upper()}: {error['msg']}" for error in exc.errors()
+        )
+        findings = [Finding("settings", "fail", problems, "correct the value in the config file")]
     for finding in findings:
         print(f"{finding.level.upper():5} {finding.name}: {finding.message}")
         if finding.fix:

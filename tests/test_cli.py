@@ -201,8 +201,10 @@ def test_separate_worker_process_scores_and_stops_on_sigterm(
                 assert statuses == ["scored", "scored"]
         finally:
             os.kill(worker.pid, signal.SIGTERM)
-            assert worker.wait(timeout=30) == 0  # a clean stop: the loop ends, the engine closes
-            stop(api)
+            try:
+                assert worker.wait(timeout=30) == 0  # a clean stop: the loop ends, the engine closes
+            finally:
+                stop(api)  # even when the worker did not stop cleanly: never leave the API running
 
 
 def test_commands_refuse_a_site_without_a_database(

@@ -3,7 +3,9 @@
 # and on a real PostgreSQL 15 started here on loopback (Debian's package) and stopped by its
 # pid. Extra arguments go to pytest.
 # TRIAGE_PY313=1 (CI sets it) also runs a bounded subset on Python 3.13, the highest supported
-# (3.11 is the lowest); its venv (.venv313) downloads PyPI's CUDA torch once (~3.5 GB).
+# (3.11 is the lowest). Budget: its venv (.venv313, 6.3 GB) downloads PyPI's CUDA torch and
+# nvidia-* wheels once (9 min on a loaded 2-core machine, kept between runs); the subset
+# takes 3-7 min there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

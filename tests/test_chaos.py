@@ -75,6 +75,7 @@ def test_nothing_is_lost_when_workers_and_the_api_are_killed(
         TRIAGE_MAX_ATTEMPTS="20",
         TRIAGE_UPLOAD_BURST="1000",
     )
+    assert run_triage(env, "migrate").returncode == 0
     key = run_triage(
         env, "users", "add", "--clinic", "north", "--role", "uploader", "--name", "pacs"
     ).stdout.strip()

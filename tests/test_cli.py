@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import DATA
+from triage_api.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,6 +50,7 @@ def free_port() -> int:
 
 def test_users_add_prints_a_working_key_once(tmp_path: Path, database_url: str, tiny_bundle: Path) -> None:
     env = triage_env(tmp_path, database_url, tiny_bundle)
+    assert run_triage(env, "migrate").returncode == 0
     result = run_triage(
         env,
         "users",
@@ -159,6 +161,7 @@ def test_separate_worker_process_scores_and_stops_on_sigterm(
     """`triage serve --workers 0` takes uploads; a `triage worker` process scores them."""
     port = free_port()
     env = triage_env(tmp_path, database_url, tiny_bundle, port)
+    assert run_triage(env, "migrate").returncode == 0
     key = run_triage(
         env, "users", "add", "--clinic", "north", "--role", "uploader", "--name", "pacs"
     ).stdout.strip()
@@ -198,5 +201,125 @@ def test_separate_worker_process_scores_and_stops_on_sigterm(
                 assert statuses == ["scored", "scored"]
         finally:
             os.kill(worker.pid, signal.SIGTERM)
-            assert worker.wait(timeout=30) == 0  # a clean stop: the loop ends, the engine closes
-            stop(api)
+            try:
+                assert worker.wait(timeout=30) == 0  # a clean stop: the loop ends, the engine closes
+            finally:
+                stop(api)  # even when the worker did not stop cleanly: never leave the API running
+
+
+def test_commands_refuse_a_site_without_a_database(
+    tmp_path: Path, database_url: str, tiny_bundle: Path
+) -> None:
+    """`users add` from the wrong place used to create an empty database and print a dead key."""
+    env = triage_env(tmp_path, database_url, tiny_bundle)
+    for command in (("users", "add", "--name", "a", "--role", "admin"), ("worker",), ("audit", "verify")):
+        refused = run_triage(env, *command)
+        assert refused.returncode == 2, (command, refused.stderr)
+        assert "triage migrate" in refused.stderr and "--config" in refused.stderr
+        assert "trg_" not in refused.stdout
+    assert not (tmp_path / "var").exists()  # nothing created, not even the data directory
+    assert run_triage(env, "migrate", "--check").returncode == 1
+
+
+def test_config_file_finds_the_site_from_anywhere(
+    tmp_path: Path, database_url: str, tiny_bundle: Path
+) -> None:
+    site = triage_env(tmp_path, database_url, tiny_bundle)
+    assert run_triage(site, "migrate").returncode == 0
+    config = tmp_path / "triage.env"
+    config.write_text(
+        "# the service's settings\n"
+        f"TRIAGE_DATA_DIR={site['TRIAGE_DATA_DIR']}\n"
+        f"TRIAGE_DATABASE_URL='{database_url}'\n"
+        f'export TRIAGE_MODEL_PATH="{tiny_bundle}"\n'
+    )
+    bare = {k: v for k, v in site.items() if k not in ("TRIAGE_DATA_DIR", "TRIAGE_DATABASE_URL")}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    made = subprocess.run(
+        [sys.executable, "-m", "triage_api.cli", "--config", str(config), "users", "add", "--name", "x"]
+        + ["--role", "uploader", "--clinic", "north"],
+        env={**bare, "PYTHONPATH": str(ROOT)},
+        cwd=elsewhere,  # another directory, without the site's ./var
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    assert list(elsewhere.iterdir()) == []
+    # The key printed is one the site's database knows: revoking its prefix finds it.
+    assert run_triage(site, "users", "revoke", made.stdout.strip().split("_")[1]).returncode == 0
+
+    config.write_text("TRIAGE_DATA_DIR /nowhere\n")
+    broken = run_triage(bare, "--config", str(config), "doctor")
+    assert broken.returncode == 2 and "line 1: expected NAME=value" in broken.stderr
+
+
+def test_migrate_check_reports_a_schema_behind(tmp_path: Path, database_url: str, tiny_bundle: Path) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    from triage_api.db import MIGRATIONS, make_engine
+
+    env = triage_env(tmp_path, database_url, tiny_bundle)
+    (tmp_path / "var").mkdir()
+    engine = make_engine(database_url)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0008")
+    engine.dispose()
+    behind = run_triage(env, "migrate", "--check")
+    assert behind.returncode == 1 and "is at 0008" in behind.stdout
+    assert run_triage(env, "users", "revoke", "abc").returncode == 2  # refused on an old schema
+    upgraded = run_triage(env, "migrate")
+    assert upgraded.returncode == 0 and "0008 -> " in upgraded.stdout
+    assert run_triage(env, "migrate", "--check").returncode == 0
+
+
+def test_doctor_names_what_to_fix(tmp_path: Path, database_url: str, tiny_bundle: Path) -> None:
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    env = triage_env(tmp_path, database_url, bundle)
+    missing = run_triage(env, "doctor")
+    assert missing.returncode == 1 and "FAIL  data directory" in missing.stdout
+    assert run_triage(env, "migrate").returncode == 0
+    (tmp_path / "var").chmod(0o700)
+    healthy = run_triage(env, "doctor")
+    assert healthy.returncode == 0, healthy.stdout
+    assert "OK    database" in healthy.stdout and "OK    model: tiny-test" in healthy.stdout
+    assert "WARN  key placement" in healthy.stdout  # the default key lives in the data directory
+
+    (tmp_path / "var").chmod(0o755)
+    weights = bundle / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    (tmp_path / "typo.env").write_text("TRIAGE_DATA_DIRR=/x\n")
+    sick = run_triage(env, "--config", str(tmp_path / "typo.env"), "doctor")
+    assert sick.returncode == 1
+    assert "FAIL  model" in sick.stdout and "WARN  data directory" in sick.stdout
+    assert "chmod 700" in sick.stdout and "TRIAGE_DATA_DIRR" in sick.stdout
+    invalid = run_triage({**env, "TRIAGE_PORT": "eighty"}, "doctor")
+    assert invalid.returncode == 1 and "FAIL  settings: TRIAGE_PORT:" in invalid.stdout
+
+
+def test_doctor_catches_a_clock_set_back(settings: Settings) -> None:
+    """An audit event newer than "now" means this host's clock is behind (clock injected)."""
+    from datetime import UTC, datetime, timedelta
+
+    from audit.log import EventCode, record
+    from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
+    from triage_api.site import doctor
+
+    engine = make_engine(settings.sqlalchemy_url)
+    migrate(engine)
+    with transaction(make_sessionmaker(engine)) as session:
+        record(session, actor="test", action="t", code=EventCode.QUERY, object_type="t", object_id="1")
+    engine.dispose()
+    now = datetime.now(UTC)
+    assert [f.level for f in doctor(settings, now) if f.name == "clock"] == ["ok"]
+    late = [f for f in doctor(settings, now - timedelta(hours=1)) if f.name == "clock"]
+    assert late[0].level == "fail" and "NTP" in late[0].fix

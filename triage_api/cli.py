@@ -1,4 +1,10 @@
-"""The ``triage`` command: serve, worker, users, migrate (and the model commands)."""
+"""The ``triage`` command: serve, worker, users, migrate, doctor, backup, restore (and the model
+commands).
+
+Every command reads the site's config file first (``--config``, else /etc/triage/triage.env
+when present), so an operator's shell finds the service's data. Only ``serve``, ``migrate``
+and ``restore`` may create a database; the others refuse a site without one.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +25,12 @@ from triage_api import audit_cli, auth
 from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
 from triage_api.errors import NotPermitted
 from triage_api.ingest import quiet_pydicom
-from triage_api.settings import Settings
+from triage_api.settings import SITE_CONFIG, ConfigFileError, Settings, load_config_file
+
+CREATES_SITE = frozenset({"serve", "migrate", "restore"})
+"""Commands that may start from no database; the rest need the site's (see :func:`_require_site`)."""
+NO_DATABASE = frozenset({"doctor", "train", "evaluate", "models"})
+"""Commands that do not use the site's database, or (``doctor``) report on it instead."""
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -41,7 +52,6 @@ def _worker(args: argparse.Namespace) -> int:
     overrides = {"device": args.device, "batch_size": args.batch, "decode_workers": args.decode_workers}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     engine = make_engine(settings.sqlalchemy_url)
-    migrate(engine)
     worker = Worker(make_sessionmaker(engine), settings, load_model(settings))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -51,11 +61,99 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _migrate(_args: argparse.Namespace) -> int:
+def _migrate(args: argparse.Namespace) -> int:
+    from triage_api.site import current_revision, head_revision, site_problem, sqlite_path
+
     settings = Settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    migrate(make_engine(settings.sqlalchemy_url))
+    if args.check:
+        problem = site_problem(settings)
+        print(problem or f"schema at {head_revision()}: current")
+        return 1 if problem else 0
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    database = sqlite_path(settings)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    engine = make_engine(settings.sqlalchemy_url)
+    try:
+        before = current_revision(engine)
+        migrate(engine)
+    finally:
+        engine.dispose()
+    print(f"schema {before or 'empty'} -> {head_revision()}")
     return 0
+
+
+def _doctor(_args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from triage_api.site import Finding, doctor
+
+    try:
+        findings = doctor(Settings())
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"TRIAGE_{'_'.join(map(str, error['loc'])).upper()}: {error['msg']}" for error in exc.errors()
+        )
+        findings = [Finding("settings", "fail", problems, "correct the value in the config file")]
+    for finding in findings:
+        print(f"{finding.level.upper():5} {finding.name}: {finding.message}")
+        if finding.fix:
+            print(f"      fix: {finding.fix}")
+    return 1 if any(f.level == "fail" for f in findings) else 0
+
+
+def _backup(args: argparse.Namespace) -> int:
+    from triage_api.backup import BackupError, backup
+
+    try:
+        summary = backup(Settings(), Path(args.dest), link_dest=args.link_dest)
+    except BackupError as exc:
+        raise NotPermitted(str(exc)) from None
+    print(
+        f"backup in {summary.folder}: {summary.cases} cases, {summary.blobs} blobs, "
+        f"{summary.audit_events} audit events, {summary.bytes / 1e6:.1f} MB in {summary.seconds:.1f} s"
+    )
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from triage_api.backup import PUBLIC_KEY_FILE, BackupError, restore
+
+    settings = Settings()
+    try:
+        summary = restore(settings, Path(args.src))
+    except BackupError as exc:
+        raise NotPermitted(str(exc)) from None
+    print(
+        f"restored into {summary.folder}: {summary.cases} cases, {summary.blobs} blobs, "
+        f"{summary.audit_events} audit events, {summary.bytes / 1e6:.1f} MB in {summary.seconds:.1f} s"
+    )
+    if not settings.audit_key_path.is_file():
+        print(
+            f"next: put the signing key back at {settings.audit_key_path} from its own backup before "
+            f"`triage serve` (else a new key signs from now on); until then verify with "
+            f"`triage audit verify --public-key {settings.data_dir / PUBLIC_KEY_FILE}`"
+        )
+    return 0
+
+
+def _require_site(settings: Settings, config: Path | None) -> None:
+    """Refuse to run against a database that is missing, unreachable or at another schema.
+
+    Raises:
+        NotPermitted: with where the settings came from and what to do.
+    """
+    from triage_api.site import site_problem
+
+    problem = site_problem(settings)
+    if problem is None:
+        return
+    source = f"config {config}" if config else "no config file"
+    raise NotPermitted(
+        f"{problem} ({source}, TRIAGE_DATA_DIR={settings.data_dir}). Run this on the service's host "
+        f"with its settings (--config FILE, or TRIAGE_DATA_DIR/TRIAGE_DATABASE_URL), or create or "
+        f"upgrade the database with `triage migrate`; `triage doctor` checks the site"
+    )
 
 
 def _new_password() -> str:
@@ -78,9 +176,7 @@ def _users_add(args: argparse.Namespace) -> int:
         password_hash = hash_password(_new_password()) if args.password else None
     except InvalidRequest as exc:
         raise NotPermitted(exc.message) from None
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.sqlalchemy_url)
-    migrate(engine)
     with transaction(make_sessionmaker(engine)) as session:
         user, key = auth.add_user(session, name=args.name, role=auth.Role(args.role), clinics=args.clinic)
         user.password_hash = password_hash
@@ -124,7 +220,6 @@ def _export_reads(args: argparse.Namespace) -> int:
 
     settings = Settings()
     engine = make_engine(settings.sqlalchemy_url)
-    migrate(engine)
     with transaction(make_sessionmaker(engine)) as session:
         clinic_ids = None
         if args.clinic:
@@ -144,6 +239,12 @@ def _export_reads(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="triage", description="On-premise AI triage for medical imaging.")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help=f"site settings file (NAME=value lines, as systemd reads them; default {SITE_CONFIG})",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the API (and, by default, one in-process worker)")
@@ -162,7 +263,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.set_defaults(func=_worker)
 
-    commands.add_parser("migrate", help="bring the database schema up to date").set_defaults(func=_migrate)
+    schema = commands.add_parser("migrate", help="create the database or bring its schema up to date")
+    schema.add_argument(
+        "--check", action="store_true", help="change nothing; exit 1 unless the schema is current (CI/CD)"
+    )
+    schema.set_defaults(func=_migrate)
+
+    commands.add_parser(
+        "doctor", help="check the site: permissions, keys, disk, database, model, clock; say what to fix"
+    ).set_defaults(func=_doctor)
+
+    save = commands.add_parser("backup", help="copy the site consistently into a new folder, while it runs")
+    save.add_argument("dest", help="a new or empty folder")
+    save.add_argument(
+        "--link-dest",
+        type=Path,
+        default=None,
+        help="an earlier backup on the same file system: hard-link the blobs it holds (incremental)",
+    )
+    save.set_defaults(func=_backup)
+    back = commands.add_parser("restore", help="restore a backup into an empty site (checks every sha256)")
+    back.add_argument("src", help="a folder written by `triage backup`")
+    back.set_defaults(func=_restore)
 
     users = commands.add_parser("users", help="manage users and API keys").add_subparsers(
         dest="users_command", required=True
@@ -199,7 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     args = build_parser().parse_args(argv)
+    config: Path | None = args.config or (SITE_CONFIG if SITE_CONFIG.is_file() else None)
+    if config is not None:
+        try:
+            load_config_file(config)
+        except (ConfigFileError, OSError) as exc:
+            print(f"error: config file: {exc}", file=sys.stderr)
+            return 2
     try:
+        if args.command not in CREATES_SITE | NO_DATABASE:
+            _require_site(Settings(), config)
         return int(args.func(args))
     except NotPermitted as exc:
         print(f"error: {exc.message}", file=sys.stderr)

@@ -72,12 +72,30 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
 
 
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest Alembic revision (run at every start)."""
+    """Bring the schema to the newest Alembic revision (run at every start).
+
+    On SQLite, foreign keys are off while migrating: a batch migration recreates a table
+    (copy, drop, rename), and dropping a table that other rows refer to fails under them.
+    The references are checked once the migration has committed.
+    """
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+    sqlite = engine.dialect.name == "sqlite"
+    with engine.connect() as connection:
+        if sqlite:  # a PRAGMA that only takes effect outside a transaction: on the raw connection
+            connection.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
+        try:
+            with connection.begin():
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
+            if sqlite:
+                broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                connection.commit()
+                if broken:
+                    raise RuntimeError(f"the migration left {len(broken)} rows with dangling references")
+        finally:
+            if sqlite:
+                connection.connection.driver_connection.execute("PRAGMA foreign_keys=ON")  # type: ignore[union-attr]
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

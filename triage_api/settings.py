@@ -1,13 +1,67 @@
-"""Service settings, read from ``TRIAGE_*`` environment variables (pydantic-settings)."""
+"""Service settings, read from ``TRIAGE_*`` environment variables (pydantic-settings).
+
+The ``triage`` command also reads a site's config file (:func:`load_config_file`) into its
+environment first, so that every command run on the host finds the same data as the service.
+"""
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "models" / "bundles" / "cxr-pneumonia-lite0"
+SITE_CONFIG = Path("/etc/triage/triage.env")
+"""The config file the service's systemd unit reads (``EnvironmentFile=``); the CLI reads it too."""
+
+_ASSIGNMENT = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
+
+
+class ConfigFileError(Exception):
+    """A config file line is not ``NAME=value``, a comment or blank."""
+
+
+def read_config_file(path: Path) -> dict[str, str]:
+    """The assignments in an environment file, as systemd's ``EnvironmentFile=`` reads them:
+    ``NAME=value`` lines, ``#``/``;`` comments, optional matching quotes around the value,
+    no variable expansion.
+
+    Raises:
+        ConfigFileError: a line is none of these (its number is named, its text is not).
+        OSError: the file cannot be read.
+    """
+    values: dict[str, str] = {}
+    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        match = _ASSIGNMENT.match(line)
+        if match is None:
+            raise ConfigFileError(f"{path}, line {number}: expected NAME=value")
+        name, value = match.group(1), match.group(2).strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[name] = value
+    return values
+
+
+def load_config_file(path: Path) -> list[str]:
+    """Put the file's assignments into this process's environment, where not already set
+    (the environment wins, as a one-off ``TRIAGE_X=... triage ...`` expects).
+
+    Returns:
+        The names taken from the file.
+    """
+    taken = []
+    for name, value in read_config_file(path).items():
+        if name not in os.environ:
+            os.environ[name] = value
+            taken.append(name)
+    return taken
 
 
 class Settings(BaseSettings):
@@ -18,6 +72,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./var")
     database_url: str | None = None
     """SQLAlchemy URL; empty means SQLite at ``<data_dir>/triage.db``."""
+    database_password_file: Path | None = None
+    """A file holding the password for ``database_url`` (a container secret or systemd
+    credential), so that the URL, an environment variable, carries none."""
     model_path: Path = DEFAULT_BUNDLE
     device: str = "cpu"
     compile_model: bool = False
@@ -114,4 +171,9 @@ class Settings(BaseSettings):
 
     @property
     def sqlalchemy_url(self) -> str:
-        return self.database_url or f"sqlite:///{(self.data_dir / 'triage.db').resolve()}"
+        if not self.database_url:
+            return f"sqlite:///{(self.data_dir / 'triage.db').resolve()}"
+        if self.database_password_file is None:
+            return self.database_url
+        password = self.database_password_file.read_text().strip()
+        return make_url(self.database_url).set(password=password).render_as_string(hide_password=False)

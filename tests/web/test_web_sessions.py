@@ -182,6 +182,7 @@ def test_admin_sets_a_password_through_the_api(client: TestClient, make_key: Mak
 
 def test_users_add_takes_a_password_from_the_environment(tmp_path, database_url: str, tiny_bundle) -> None:  # type: ignore[no-untyped-def]
     env = triage_env(tmp_path, database_url, tiny_bundle)
+    assert run_triage(env, "migrate").returncode == 0
     made = run_triage(
         {**env, "TRIAGE_NEW_PASSWORD": PASSWORD},
         *("users", "add", "--name", "dr-cli", "--role", "radiologist", "--clinic", "north", "--password"),

@@ -11,9 +11,9 @@ from timm.layers.conv2d_same import Conv2dSame
 from torch import nn
 
 from models.bundle import load_bundle
+from models.data import Sample, load_gray
 from models.inference import CroppedSameConv, prepare, rewrite
 from models.preprocess import to_input
-from models.train import Sample, load_gray
 
 
 def _inputs(batch: int, size: int, seed: int = 1) -> torch.Tensor:

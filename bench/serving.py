@@ -22,6 +22,10 @@
 4. Decode pipeline = worker studies/s on a queue of those real radiographs (mixed
    syntaxes) with --decode-workers processes decoding one batch ahead of the forward pass
    / the same worker decoding in its own thread (``TRIAGE_DECODE_WORKERS=0``).
+
+``--compare OTHER`` measures only the served cost of two bundles in one run: end-to-end
+studies/s of the bundle (--model or the default) / of OTHER, runs in A B B A order, and
+the same ratio for the raw batched forward pass.
 """
 
 from __future__ import annotations
@@ -184,6 +188,31 @@ def end_to_end(args: argparse.Namespace, files: list[bytes]) -> float:
                 os.kill(process.pid, signal.SIGTERM)
                 process.wait(timeout=30)
             engine.dispose()
+
+
+def served_cost(args: argparse.Namespace, files: list[bytes]) -> dict[str, Any]:
+    """Studies/s end to end and forward images/s of the bundle and of ``--compare``, same run.
+
+    A B B A order, so a linear drift in the shared machine's load hits both alike.
+    """
+    model = args.model or str(Settings().model_path)
+    arms = {"bundle": model, "compare": args.compare}
+    e2e: dict[str, list[float]] = {"bundle": [], "compare": []}
+    for arm in ("bundle", "compare", "compare", "bundle"):
+        e2e[arm].append(end_to_end(argparse.Namespace(**{**vars(args), "model": arms[arm]}), files))
+    forward = {
+        arm: forward_rate(load_bundle(Path(path), args.device), args.batch) for arm, path in arms.items()
+    }
+    rates = {arm: statistics.mean(runs) for arm, runs in e2e.items()}
+    return {
+        "bundle": load_bundle(Path(model), args.device).card.ref,
+        "compare": load_bundle(Path(args.compare), args.device).card.ref,
+        "end_to_end_runs": e2e,
+        "end_to_end_studies_per_s": rates,
+        "end_to_end_ratio": rates["bundle"] / rates["compare"],
+        "forward_images_per_s": forward,
+        "forward_ratio": forward["bundle"] / forward["compare"],
+    }
 
 
 def any_age(gate: Gate) -> Gate:
@@ -393,8 +422,15 @@ def main() -> None:
     )
     parser.add_argument("--pipeline-studies", type=int, default=32, help="real radiographs for 4.")
     parser.add_argument("--skip-http", action="store_true", help="only 3. and 4. (decode)")
+    parser.add_argument("--compare", default=None, help="another bundle: measure only the served-cost ratio")
     args = parser.parse_args()
     quiet_pydicom()
+    if args.compare:
+        cost = served_cost(args, [dicom_224(seed) for seed in range(args.studies)])
+        print(json.dumps(cost, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(cost, indent=2))
+        return
     bundle = load_bundle(
         Path(args.model) if args.model else Settings().model_path, args.device, compile=args.compile
     )

@@ -78,6 +78,7 @@ def run_train(args: argparse.Namespace) -> int:
             weights_file=args.weights_file,
             epochs=args.epochs,
             stop_after=args.stop_after,
+            ema_decay=args.ema_decay or None,
             head_epochs=args.head_epochs,
             frozen_stages=stages,
             batch_size=args.batch_size,
@@ -219,6 +220,9 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     train.add_argument("--sizes", type=_ints, default=(160, 192), help="input size of the first epochs")
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--lr", type=float, default=3e-4, help="peak head learning rate")
+    train.add_argument(
+        "--ema-decay", type=float, default=0.98, help="keep the weight average (0: keep the last weights)"
+    )
     train.add_argument("--seeds", type=_ints, default=(0,), help="one ensemble member per seed")
     train.add_argument("--tta", choices=("none", "hflip"), default="none")
     train.add_argument("--hard-fraction", type=float, default=0.2, help="of each acquisition series")

@@ -23,9 +23,10 @@
    syntaxes) with --decode-workers processes decoding one batch ahead of the forward pass
    / the same worker decoding in its own thread (``TRIAGE_DECODE_WORKERS=0``).
 
-``--compare OTHER`` measures only the served cost of two bundles in one run: end-to-end
-studies/s of the bundle (--model or the default) / of OTHER, runs in A B B A order, and
-the same ratio for the raw batched forward pass.
+``--compare OTHER`` measures only the served cost of two bundles in one run: studies/s of
+the bundle (--model or the default) / of OTHER, end to end (or, with --skip-http, the
+worker alone on queued studies), runs in A B B A order, and the same ratio for the raw
+batched forward pass.
 """
 
 from __future__ import annotations
@@ -191,25 +192,37 @@ def end_to_end(args: argparse.Namespace, files: list[bytes]) -> float:
 
 
 def served_cost(args: argparse.Namespace, files: list[bytes]) -> dict[str, Any]:
-    """Studies/s end to end and forward images/s of the bundle and of ``--compare``, same run.
+    """Studies/s of the bundle and of ``--compare``, same run, A B B A order.
 
-    A B B A order, so a linear drift in the shared machine's load hits both alike.
+    End to end over HTTP, or with ``--skip-http`` the worker alone on queued studies (decode,
+    gate, forward pass at ``--batch``, commit: every per-study cost that depends on the
+    model); and the raw batched forward pass. A B B A: a linear drift in the shared
+    machine's load hits both alike.
     """
     model = args.model or str(Settings().model_path)
     arms = {"bundle": model, "compare": args.compare}
-    e2e: dict[str, list[float]] = {"bundle": [], "compare": []}
+    runs: dict[str, list[float]] = {"bundle": [], "compare": []}
     for arm in ("bundle", "compare", "compare", "bundle"):
-        e2e[arm].append(end_to_end(argparse.Namespace(**{**vars(args), "model": arms[arm]}), files))
+        arm_args = argparse.Namespace(**{**vars(args), "model": arms[arm]})
+        if args.skip_http:
+            with queued_worker(arm_args, files, batch_size=args.batch) as (worker, _):
+                start = time.perf_counter()
+                while claims := worker.claim(args.batch):
+                    worker.finish(claims, worker.score(claims))
+                runs[arm].append(len(files) / (time.perf_counter() - start))
+        else:
+            runs[arm].append(end_to_end(arm_args, files))
     forward = {
         arm: forward_rate(load_bundle(Path(path), args.device), args.batch) for arm, path in arms.items()
     }
-    rates = {arm: statistics.mean(runs) for arm, runs in e2e.items()}
+    rates = {arm: statistics.mean(values) for arm, values in runs.items()}
     return {
         "bundle": load_bundle(Path(model), args.device).card.ref,
         "compare": load_bundle(Path(args.compare), args.device).card.ref,
-        "end_to_end_runs": e2e,
-        "end_to_end_studies_per_s": rates,
-        "end_to_end_ratio": rates["bundle"] / rates["compare"],
+        "measure": "worker alone on queued studies" if args.skip_http else "end to end over HTTP",
+        "runs_studies_per_s": runs,
+        "studies_per_s": rates,
+        "studies_ratio": rates["bundle"] / rates["compare"],
         "forward_images_per_s": forward,
         "forward_ratio": forward["bundle"] / forward["compare"],
     }

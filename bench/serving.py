@@ -27,6 +27,11 @@
    syntaxes) with --decode-workers processes decoding one batch ahead of the forward pass
    / the same worker decoding in its own thread (``TRIAGE_DECODE_WORKERS=0``); and the
    worker's studies/s on the radiograph at 2048² as JPEG 2000 lossless / as uncompressed.
+
+``--compare OTHER`` measures only the served cost of two bundles in one run: studies/s of
+the bundle (--model or the default) / of OTHER, end to end (or, with --skip-http, the
+worker alone on queued studies), runs in A B B A order, and the same ratio for the raw
+batched forward pass.
 """
 
 from __future__ import annotations
@@ -198,6 +203,43 @@ def end_to_end(args: argparse.Namespace, files: list[bytes]) -> float:
                 os.kill(process.pid, signal.SIGTERM)
                 process.wait(timeout=30)
             engine.dispose()
+
+
+def served_cost(args: argparse.Namespace, files: list[bytes]) -> dict[str, Any]:
+    """Studies/s of the bundle and of ``--compare``, same run, A B B A order.
+
+    End to end over HTTP, or with ``--skip-http`` the worker alone on queued studies (decode,
+    gate, forward pass at ``--batch``, commit: every per-study cost that depends on the
+    model); and the raw batched forward pass. A B B A: a linear drift in the shared
+    machine's load hits both alike.
+    """
+    model = args.model or str(Settings().model_path)
+    arms = {"bundle": model, "compare": args.compare}
+    runs: dict[str, list[float]] = {"bundle": [], "compare": []}
+    for arm in ("bundle", "compare", "compare", "bundle"):
+        arm_args = argparse.Namespace(**{**vars(args), "model": arms[arm]})
+        if args.skip_http:
+            with queued_worker(arm_args, files, batch_size=args.batch) as (worker, _):
+                start = time.perf_counter()
+                while claims := worker.claim(args.batch):
+                    worker.finish(claims, worker.score(claims))
+                runs[arm].append(len(files) / (time.perf_counter() - start))
+        else:
+            runs[arm].append(end_to_end(arm_args, files))
+    forward = {
+        arm: forward_rate(load_bundle(Path(path), args.device), args.batch) for arm, path in arms.items()
+    }
+    rates = {arm: statistics.mean(values) for arm, values in runs.items()}
+    return {
+        "bundle": load_bundle(Path(model), args.device).card.ref,
+        "compare": load_bundle(Path(args.compare), args.device).card.ref,
+        "measure": "worker alone on queued studies" if args.skip_http else "end to end over HTTP",
+        "runs_studies_per_s": runs,
+        "studies_per_s": rates,
+        "studies_ratio": rates["bundle"] / rates["compare"],
+        "forward_images_per_s": forward,
+        "forward_ratio": forward["bundle"] / forward["compare"],
+    }
 
 
 def any_age(gate: Gate) -> Gate:
@@ -452,8 +494,15 @@ def main() -> None:
         "--decode-sides", type=int, nargs="+", default=[2048, 3000], help="radiograph sides for 3. and 4."
     )
     parser.add_argument("--skip-http", action="store_true", help="only 3. and 4. (decode)")
+    parser.add_argument("--compare", default=None, help="another bundle: measure only the served-cost ratio")
     args = parser.parse_args()
     quiet_pydicom()
+    if args.compare:
+        cost = served_cost(args, [dicom_224(seed) for seed in range(args.studies)])
+        print(json.dumps(cost, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(cost, indent=2))
+        return
     bundle = load_bundle(
         Path(args.model) if args.model else Settings().model_path, args.device, compile=args.compile
     )

@@ -1,16 +1,22 @@
-"""Model bundles: ``card.json`` + ``weights.safetensors``, verified before use.
+"""Model bundles: ``card.json`` + ``weights.safetensors`` (+ more members), verified before use.
 
 A bundle is a folder loaded from local disk only. ``card.json`` is validated by
-:class:`ModelCard` (data, never code); the weights' sha256 is recorded in the card and
-checked on every load, and a mismatch refuses the bundle.
+:class:`ModelCard` (data, never code); every weights file's sha256 is recorded in the card
+and checked on every load, and a mismatch refuses the bundle.
+
+An *ensemble* bundle lists its networks in ``members`` (the first is always
+``weights.safetensors``); it scores a batch as the mean of the members' logits, optionally
+over the batch and its horizontal mirror (``tta: "hflip"``), in one batched call
+(:class:`Ensemble`), so the service's batched path serves it unchanged.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import timm
@@ -63,6 +69,16 @@ class Thresholds(BaseModel):
         return self
 
 
+class Member(BaseModel):
+    """One network of an ensemble bundle: its weights file, architecture and sha256."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\.safetensors$")
+    architecture: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class ModelCard(BaseModel):
     """The metadata a bundle travels with (after MONAI bundles and model cards)."""
 
@@ -82,12 +98,40 @@ class ModelCard(BaseModel):
     validation_metrics: dict[str, Any] = Field(default_factory=dict)
     limitations: tuple[str, ...] = ()
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    members: tuple[Member, ...] = ()
+    """Every network of an ensemble, the first being ``weights.safetensors`` (empty: one network)."""
+    tta: Literal["none", "hflip"] = "none"
+    """``hflip``: also score the mirrored image and average the logits."""
 
     @model_validator(mode="after")
     def _positive_is_a_label(self) -> ModelCard:
         if self.positive_label not in self.labels:
             raise ValueError("positive_label must be one of labels")
         return self
+
+    @model_validator(mode="after")
+    def _members_start_with_the_weights(self) -> ModelCard:
+        if not self.members:
+            return self
+        first = self.members[0]
+        if (first.file, first.architecture, first.sha256) != (
+            WEIGHTS_FILE,
+            self.architecture,
+            self.weights_sha256,
+        ):
+            raise ValueError(
+                f"the first member must be {WEIGHTS_FILE} with the card's architecture and sha256"
+            )
+        if len({m.file for m in self.members}) != len(self.members):
+            raise ValueError("ensemble members must have distinct files")
+        return self
+
+    @property
+    def networks(self) -> tuple[Member, ...]:
+        """Every network of the bundle (one for a plain bundle)."""
+        return self.members or (
+            Member(file=WEIGHTS_FILE, architecture=self.architecture, sha256=self.weights_sha256),
+        )
 
     @property
     def positive_index(self) -> int:
@@ -129,50 +173,94 @@ def read_card(path: Path) -> ModelCard:
 
 
 def verify_bundle(path: Path) -> ModelCard:
-    """Validate the card and check the weights' sha256 without building the network.
+    """Validate the card and check every weights file's sha256 without building a network.
 
     Raises:
         BundleError: missing or invalid files.
-        ChecksumMismatch: the weights do not match the card.
+        ChecksumMismatch: a weights file does not match the card.
     """
     card = read_card(path)
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise BundleError(f"no {WEIGHTS_FILE} in {path}")
-    actual = sha256_file(weights)
-    if actual != card.weights_sha256:
-        raise ChecksumMismatch(f"{weights} has sha256 {actual}, the card records {card.weights_sha256}")
+    for member in card.networks:
+        weights = path / member.file
+        if not weights.is_file():
+            raise BundleError(f"no {member.file} in {path}")
+        actual = sha256_file(weights)
+        if actual != member.sha256:
+            raise ChecksumMismatch(f"{weights} has sha256 {actual}, the card records {member.sha256}")
     return card
 
 
+def member_file(index: int) -> str:
+    """The weights file of ensemble member ``index`` (the first is ``weights.safetensors``)."""
+    return WEIGHTS_FILE if index == 0 else f"weights-{index}.safetensors"
+
+
 def save_bundle(
-    path: Path, card_fields: dict[str, Any], state_dict: dict[str, torch.Tensor], *, half: bool = True
+    path: Path,
+    card_fields: dict[str, Any],
+    state_dicts: dict[str, torch.Tensor] | Sequence[dict[str, torch.Tensor]],
+    *,
+    half: bool = True,
 ) -> ModelCard:
     """Write a bundle folder: weights (fp16 by default) then a card carrying their sha256.
 
     Args:
         path: the folder to create (or overwrite files in).
-        card_fields: every :class:`ModelCard` field except ``weights_sha256``.
-        state_dict: the network's weights.
+        card_fields: every :class:`ModelCard` field except ``weights_sha256`` and ``members``.
+        state_dicts: the network's weights, or one state dict per ensemble member (all of
+            the card's architecture); a list of one writes a plain bundle.
         half: store floating-point tensors as fp16 (halves the size; scores agree to ~1e-3).
 
     Returns:
         The validated card that was written.
     """
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        key: (value.half() if half and value.is_floating_point() else value).contiguous().cpu()
-        for key, value in state_dict.items()
-    }
-    weights = path / WEIGHTS_FILE
-    save_file(tensors, str(weights))
-    card = ModelCard.model_validate({**card_fields, "weights_sha256": sha256_file(weights)})
+    states = [state_dicts] if isinstance(state_dicts, dict) else list(state_dicts)
+    members = []
+    for index, state in enumerate(states):
+        tensors = {
+            key: (value.half() if half and value.is_floating_point() else value).contiguous().cpu()
+            for key, value in state.items()
+        }
+        weights = path / member_file(index)
+        save_file(tensors, str(weights))
+        members.append(
+            Member(file=weights.name, architecture=card_fields["architecture"], sha256=sha256_file(weights))
+        )
+    card = ModelCard.model_validate(
+        {
+            **card_fields,
+            "weights_sha256": members[0].sha256,
+            "members": [m.model_dump() for m in members] if len(members) > 1 else [],
+        }
+    )
     (path / CARD_FILE).write_text(json.dumps(card.model_dump(mode="json"), indent=2) + "\n")
     return card
 
 
+class Ensemble(torch.nn.Module):
+    """Mean logits of several networks, optionally over each image and its mirror, in one batch."""
+
+    def __init__(self, members: Sequence[torch.nn.Module], hflip: bool) -> None:
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+        self.hflip = hflip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        views = torch.cat([x, x.flip(-1)]) if self.hflip else x
+        logits = torch.stack([member(views) for member in self.members]).mean(dim=0)
+        if self.hflip:
+            logits = (logits[: len(x)] + logits[len(x) :]) / 2
+        return logits
+
+
+def networks_of(network: torch.nn.Module) -> list[torch.nn.Module]:
+    """The member networks of an :class:`Ensemble`, or ``[network]``."""
+    return list(network.members) if isinstance(network, Ensemble) else [network]
+
+
 class Bundle:
-    """A verified bundle with its network loaded, ready to score batches."""
+    """A verified bundle with its network (or :class:`Ensemble`) loaded, ready to score batches."""
 
     def __init__(
         self, card: ModelCard, network: torch.nn.Module, device: torch.device, *, amp: bool = False
@@ -207,7 +295,7 @@ def load_bundle(
     """Verify and load a bundle folder.
 
     Args:
-        path: the bundle folder (``card.json`` + ``weights.safetensors``).
+        path: the bundle folder (``card.json`` + every member's weights file).
         device: a torch device string, e.g. ``"cpu"`` or ``"cuda:0"``.
         amp: bf16 autocast; default on for CUDA, off on CPU. The network is channels_last
             on every device.
@@ -221,20 +309,25 @@ def load_bundle(
 
     Raises:
         BundleError: missing files, invalid card, or weights that do not fit the architecture.
-        ChecksumMismatch: the weights do not match the card's sha256.
+        ChecksumMismatch: a weights file does not match the card's sha256.
     """
     card = verify_bundle(path)
-    network = create_network(card.architecture, num_classes=len(card.labels))
-    state = {k: v.float() for k, v in load_file(str(path / WEIGHTS_FILE)).items()}
-    try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise BundleError(f"weights in {path} do not fit {card.architecture}: {exc}") from exc
     target = torch.device(device)
     use_amp = target.type == "cuda" if amp is None else amp
-    network.to(target).to(memory_format=torch.channels_last).eval()
-    if rewrite:
-        network = prepare(network, card.preprocessing.input_size, fold_norms=not use_amp)
+    members = []
+    for member in card.networks:
+        network = create_network(member.architecture, num_classes=len(card.labels))
+        state = {k: v.float() for k, v in load_file(str(path / member.file)).items()}
+        try:
+            network.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise BundleError(f"{member.file} in {path} does not fit {member.architecture}: {exc}") from exc
+        network.to(target).to(memory_format=torch.channels_last).eval()
+        if rewrite:
+            network = prepare(network, card.preprocessing.input_size, fold_norms=not use_amp)
+        members.append(network)
+    single = len(members) == 1 and card.tta == "none"
+    network = members[0] if single else Ensemble(members, hflip=card.tta == "hflip").eval()
     if compile:
         network = torch.compile(network)  # type: ignore[assignment]
     return Bundle(card, network, target, amp=use_amp)

@@ -27,19 +27,29 @@ class OperatingPoints(BaseModel):
     elevated_specificity: float
 
 
-def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+def balancing_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Per-class weights that give every class the same total weight in a mean loss."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    return torch.as_tensor(counts.sum() / (num_classes * np.maximum(counts, 1.0)), dtype=torch.float64)
+
+
+def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0, balanced: bool = False) -> float:
     """Mean negative log-likelihood of ``softmax(logits / temperature)``.
 
     Args:
         logits: ``(N, C)`` raw logits.
         labels: ``(N,)`` class indices.
         temperature: the divisor.
+        balanced: weight the classes equally (the NLL under a uniform class prior).
 
     Returns:
         The mean NLL in nats.
     """
     scaled = torch.as_tensor(logits, dtype=torch.float64) / temperature
-    return float(torch.nn.functional.cross_entropy(scaled, torch.as_tensor(labels, dtype=torch.long)))
+    weight = balancing_weights(labels, scaled.shape[1]) if balanced else None
+    return float(
+        torch.nn.functional.cross_entropy(scaled, torch.as_tensor(labels, dtype=torch.long), weight=weight)
+    )
 
 
 class Calibration(BaseModel):
@@ -52,7 +62,7 @@ class Calibration(BaseModel):
 
 
 def fit_calibration(
-    logits: np.ndarray, labels: np.ndarray, positive_index: int, fit_bias: bool = True
+    logits: np.ndarray, labels: np.ndarray, positive_index: int, fit_bias: bool = True, balanced: bool = False
 ) -> Calibration:
     """Fit the temperature (and a positive-logit bias) that minimise validation NLL (LBFGS).
 
@@ -65,6 +75,8 @@ def fit_calibration(
         labels: ``(N,)`` validation class indices.
         positive_index: the column the bias is added to.
         fit_bias: ``False`` fits plain temperature scaling (Guo et al. 2017).
+        balanced: weight the classes equally, so the probabilities are for a 1:1 prior
+            rather than the validation set's prevalence.
 
     Returns:
         The fitted :class:`Calibration`; the identity if the optimiser fails to beat it.
@@ -79,20 +91,22 @@ def fit_calibration(
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(1, dtype=torch.float64, requires_grad=fit_bias)
     column = torch.nn.functional.one_hot(torch.tensor(positive_index), x.shape[1]).double()
+    weight = balancing_weights(labels, x.shape[1]) if balanced else None
     optimizer = torch.optim.LBFGS(
         [log_t, bias] if fit_bias else [log_t], lr=0.5, max_iter=200, line_search_fn="strong_wolfe"
     )
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy((x + bias * column) / log_t.exp(), y)
+        loss = torch.nn.functional.cross_entropy((x + bias * column) / log_t.exp(), y, weight=weight)
         loss.backward()  # type: ignore[no-untyped-call]
         return loss
 
     optimizer.step(closure)  # type: ignore[no-untyped-call]
     fitted = Calibration(temperature=float(log_t.detach().exp()), bias=float(bias.detach()))
     shifted = shift_logits(logits, positive_index, fitted.bias)
-    if not np.isfinite(fitted.temperature) or nll(shifted, labels, fitted.temperature) > nll(logits, labels):
+    worse = nll(shifted, labels, fitted.temperature, balanced) > nll(logits, labels, balanced=balanced)
+    if not np.isfinite(fitted.temperature) or worse:
         return Calibration(temperature=1.0)
     return fitted
 
@@ -173,6 +187,7 @@ def operating_points(
     labels: np.ndarray,
     critical_sensitivity: float = 0.95,
     elevated_sensitivity: float = 0.99,
+    population: str = "the patient-wise validation split",
 ) -> OperatingPoints:
     """Tier thresholds on validation scores: ``critical`` keeps sensitivity >= 0.95, ``elevated`` >= 0.99.
 
@@ -181,6 +196,7 @@ def operating_points(
         labels: 1 for positive, 0 for negative.
         critical_sensitivity: required sensitivity at the critical threshold.
         elevated_sensitivity: required sensitivity at the (lower) elevated threshold.
+        population: what the scores were measured on (for the rationale).
 
     Returns:
         The thresholds and what they achieve on validation.
@@ -203,7 +219,7 @@ def operating_points(
         f"critical: highest validation threshold with sensitivity >= {critical_sensitivity:.2f} "
         f"(achieved {crit_sens:.3f}, specificity {crit_spec:.3f}); elevated: highest with "
         f"sensitivity >= {elevated_sensitivity:.2f} (achieved {elev_sens:.3f}, specificity {elev_spec:.3f}); "
-        "on calibrated scores, patient-wise validation split"
+        f"on calibrated scores of {population}"
     )
     return OperatingPoints(
         thresholds=Thresholds(critical=critical, elevated=elevated, rationale=rationale),

@@ -9,23 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
 import sys
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # the heavy imports (torch, timm, matplotlib) wait for the command that needs them
-    import numpy as np
-
-    from models.bundle import Bundle
-    from models.train import Sample
 
 DEFAULT_BUNDLES = Path(__file__).parent / "bundles"
 LOCAL_BUNDLES = Path("var/models")
-PARTS = ("train", "valid", "test")
+PARTS = ("train", "valid", "hard")
+"""The parts of :func:`models.data.validation_splits`: training, patient-wise and hard validation."""
 PERTURBATION_NAMES = (
     "original",
     "resolution_112",
@@ -34,199 +26,94 @@ PERTURBATION_NAMES = (
     "contrast_0.6",
     "gamma_0.6",
     "gamma_1.6",
+    "window_narrow",
     "dicom12_monochrome1",
+    "crop_0.85",
+    "pad_0.08",
+    "border_right_white",
+    "border_left_black",
+    "marker",
 )
-"""The keys of :data:`models.evaluate.PERTURBATIONS` (kept here so ``--help`` loads no torch)."""
+"""The keys of :data:`models.data.PERTURBATIONS` (kept here so ``--help`` loads no torch)."""
 
 
-def _fractions(text: str) -> tuple[float, float, float]:
-    values = tuple(float(v) for v in text.split(","))
-    if len(values) != 3:
-        raise argparse.ArgumentTypeError("give three fractions: train,valid,test")
-    return values[0], values[1], values[2]
-
-
-def _device_name(device: str, threads: int) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"CPU ({os.cpu_count()} cores, {threads} threads)"
-
-
-def _labelled(bundle: Bundle, samples: list[Sample]) -> tuple[np.ndarray, list[str]]:
-    import numpy as np
-
-    labels = np.asarray([int(s.label == bundle.card.positive_index) for s in samples])
-    return labels, [s.subgroup for s in samples]
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError("give comma-separated integers") from exc
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Train, calibrate on validation, evaluate on held-out test patients, write the bundle.
+    """Build a bundle with :func:`models.pipeline.build_bundle` from the parsed ``train`` arguments.
 
-    Args:
-        args: the parsed ``train`` arguments.
+    One ensemble member per ``--seeds`` entry; ``--frozen-stages`` gives one value for all
+    members or one per member.
 
     Returns:
         The process exit code.
     """
     import timm
-    import torch
 
-    from models.bundle import Bundle, Thresholds, load_bundle, save_bundle
-    from models.calibrate import (
-        calibrated_scores,
-        fit_calibration,
-        fold_bias,
-        nll,
-        operating_points,
-        risk_histogram,
-        shift_logits,
-    )
-    from models.evaluate import (
-        auroc_ci,
-        compact,
-        evaluate_bundle,
-        reliability,
-        score_logits,
-        summarize,
-        write_report,
-    )
+    from models.pipeline import BuildConfig, build_bundle
     from models.preprocess import Preprocessing
-    from models.train import TrainConfig, fit, list_samples, split_by_patient
+    from models.train import TrainConfig
 
-    started = time.monotonic()
     labels = tuple(args.labels.split(","))
-    template = json.loads(args.card_template.read_text()) if args.card_template else {}
     cfg = timm.models.get_pretrained_cfg(args.architecture)
     if cfg is None:
         raise ValueError(f"timm has no pretrained config (mean/std) for {args.architecture}")
     pre = Preprocessing(
         input_size=args.input_size, resize="stretch", mean=tuple(cfg.mean), std=tuple(cfg.std)
     )
-    config = TrainConfig(
-        architecture=args.architecture,
-        labels=labels,
-        preprocessing=pre,
-        weights_file=args.weights_file,
-        epochs=args.epochs,
-        head_epochs=args.head_epochs,
-        frozen_stages=args.frozen_stages,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        workers=args.workers,
-        threads=args.threads,
-        device=args.device,
-        max_train=args.max_train,
-    )
-    samples = list_samples(args.data, labels)
-    train, valid, test = split_by_patient(samples, args.split, args.seed)
-    result = fit(config, train, valid, args.run_dir, resume=args.resume)
-    state = result.network.state_dict()
-
-    fields: dict[str, Any] = {
-        "name": args.name,
-        "version": args.version,
-        "architecture": args.architecture,
-        "labels": labels,
-        "positive_label": args.positive_label,
-        "preprocessing": pre.model_dump(mode="json"),
-        "thresholds": Thresholds(critical=0.5, elevated=0.5).model_dump(),
-        **template,
-    }
-    save_bundle(args.out, fields, state)
-    bundle = load_bundle(args.out, args.device)
-    stored_bias = float(bundle.network.get_classifier().bias[bundle.card.positive_index])  # type: ignore[operator]
-
-    # Calibration and thresholds from validation only, on the stored fp16 weights.
-    positive = bundle.card.positive_index
-    raw_logits = score_logits(bundle, valid, desc="valid")
-    valid_labels, valid_groups = _labelled(bundle, valid)
-    plain = fit_calibration(raw_logits, valid_labels, positive, fit_bias=False)
-    calibration = fit_calibration(raw_logits, valid_labels, positive)
-    fold_bias(result.network, positive, calibration.bias)
-    state = result.network.state_dict()
-    save_bundle(args.out, fields, state)
-    bundle = load_bundle(args.out, args.device)
-    # The exact shift the stored (fp16) classifier now applies.
-    stored_shift = float(bundle.network.get_classifier().bias[positive] - stored_bias)  # type: ignore[operator]
-    valid_logits = shift_logits(raw_logits, positive, stored_shift)
-    temperature = calibration.temperature
-    valid_scores = calibrated_scores(valid_logits, temperature, positive)
-    points = operating_points(valid_scores, valid_labels)
-    fields |= {"temperature": temperature, "thresholds": points.thresholds.model_dump()}
-    bundle = Bundle(
-        bundle.card.model_copy(update={"temperature": temperature, "thresholds": points.thresholds}),
-        bundle.network,
-        bundle.device,
-    )
-    validation = summarize(valid_labels, valid_scores, points.thresholds, valid_groups)
-    tta_logits = score_logits(bundle, valid, tta=True, desc="valid-tta")
-    tta_auroc, tta_low, tta_high = auroc_ci(
-        valid_labels, calibrated_scores(tta_logits, temperature, positive)
-    )
-
-    metrics: dict[str, Any] = {
-        "validation": compact({"original": validation})["original"],
-        "risk_histogram": risk_histogram(valid_scores),
-        "calibration": {
-            "method": "temperature + positive-logit bias (folded into the classifier), "
-            "minimising validation NLL",
-            "bias": stored_shift,
-            "temperature": temperature,
-            "nll_before": nll(raw_logits, valid_labels),
-            "nll_temperature_only": nll(raw_logits, valid_labels, plain.temperature),
-            "nll_after": nll(valid_logits, valid_labels, temperature),
-            "ece_before": reliability(valid_labels, calibrated_scores(raw_logits, 1.0, positive))[0],
-            "ece_temperature_only": reliability(
-                valid_labels, calibrated_scores(raw_logits, plain.temperature, positive)
-            )[0],
-        },
-        "tta_validation": {
-            "views": "image + 90% centre zoom, mean logits",
-            "auroc": tta_auroc,
-            "auroc_ci95": [tta_low, tta_high],
-        },
-    }
-    if test:
-        tested = evaluate_bundle(bundle, test, perturbations=args.perturb)
-        write_report(tested, args.run_dir / "report-test", bundle)
-        metrics["heldout_test"] = compact(tested)
-    fields["training"] = {
-        "command": shlex.join(["python", "-m", "models.cli", *[a for a in sys.argv[1:] if a != "--resume"]]),
-        "resumed": args.resume,
-        "seed": args.seed,
-        "device": _device_name(args.device, args.threads),
-        "fit_wall_seconds": round(result.wall_seconds, 1),
-        "calibrate_evaluate_wall_seconds": round(
-            time.monotonic() - started - (0.0 if args.resume else result.wall_seconds), 1
-        ),
-        "epochs": args.epochs,
-        "history": result.history,
-        "peak_lr": result.lr,
-        "lr_source": "--lr"
-        if args.lr is not None
-        else "LR finder: smoothed-loss minimum / 10, clipped to [1e-4, 2e-3]",
-        "split": {
-            "method": f"patient-wise, stratified by class, fractions {list(args.split)}, seed {args.seed}",
-            **{
-                part: {"images": len(s), "patients": len({x.patient for x in s})}
-                for part, s in zip(PARTS, (train, valid, test), strict=True)
-            },
-        },
-        "config": config.as_record(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-    }
-    fields["validation_metrics"] = metrics
-    card = save_bundle(args.out, fields, state)
-    print(
-        json.dumps(
-            {"bundle": str(args.out), "sha256": card.weights_sha256, **compact({"validation": validation})},
-            indent=2,
+    frozen = args.frozen_stages * len(args.seeds) if len(args.frozen_stages) == 1 else args.frozen_stages
+    if len(frozen) != len(args.seeds):
+        raise ValueError("give one --frozen-stages value, or one per seed")
+    members = [
+        TrainConfig(
+            architecture=args.architecture,
+            labels=labels,
+            positive_label=args.positive_label,
+            preprocessing=pre,
+            weights_file=args.weights_file,
+            epochs=args.epochs,
+            stop_after=args.stop_after,
+            ema_decay=args.ema_decay or None,
+            head_epochs=args.head_epochs,
+            frozen_stages=stages,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            sizes=args.sizes,
+            seed=seed,
+            workers=args.workers,
+            threads=args.threads,
+            device=args.device,
+            max_train=args.max_train,
         )
+        for seed, stages in zip(args.seeds, frozen, strict=True)
+    ]
+    config = BuildConfig(
+        data=args.data,
+        out=args.out,
+        run_dir=args.run_dir,
+        name=args.name,
+        version=args.version,
+        members=members,
+        card=json.loads(args.card_template.read_text()) if args.card_template else {},
+        tta=args.tta,
+        hard_fraction=args.hard_fraction,
+        valid_fraction=args.valid_fraction,
+        split_seed=args.split_seed,
+        perturbations=args.perturb,
+        perturbation_images=args.perturb_images,
+        resume=args.resume,
+        device=args.device,
+        command=shlex.join(["python", "-m", "models.cli", *[a for a in sys.argv[1:] if a != "--resume"]]),
     )
+    card = build_bundle(config)
+    hard = card.validation_metrics["hard_validation"]
+    summary = {k: hard[k] for k in ("auroc", "auroc_ci95", "ece", "mean_risk_normal")}
+    print(json.dumps({"bundle": str(args.out), "ref": card.ref, "hard_validation": summary}, indent=2))
     return 0
 
 
@@ -240,13 +127,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
         The process exit code.
     """
     from models.bundle import load_bundle
+    from models.data import list_samples, validation_splits
     from models.evaluate import compact, evaluate_bundle, write_report
-    from models.train import list_samples, split_by_patient
 
     bundle = load_bundle(args.bundle, args.device)
     samples = list_samples(args.data, bundle.card.labels)
     if args.part != "all":
-        samples = split_by_patient(samples, args.split, args.seed)[PARTS.index(args.part)]
+        parts = validation_splits(samples, args.hard_fraction, args.valid_fraction, args.split_seed)
+        samples = parts[PARTS.index(args.part)]
     results = evaluate_bundle(bundle, samples, perturbations=args.perturb, tta=args.tta)
     json_path, png_path = write_report(results, args.out, bundle)
     print(json.dumps(compact(results), indent=2))
@@ -320,15 +208,26 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     train.add_argument("--architecture", default="tf_efficientnet_lite0")
     train.add_argument("--weights-file", type=Path, help="local pretrained weights (timm names)")
     train.add_argument("--input-size", type=int, default=224)
-    train.add_argument("--epochs", type=int, default=5)
+    train.add_argument("--epochs", type=int, default=4)
+    train.add_argument("--stop-after", type=int, help="stop after N epochs of the --epochs schedule")
     train.add_argument("--head-epochs", type=int, default=1, help="epochs training only the new head")
-    train.add_argument("--frozen-stages", type=int, default=4, help="stem + this many stages stay frozen")
-    train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--lr", type=float, help="peak head learning rate (default: LR finder)")
     train.add_argument(
-        "--split", type=_fractions, default=(0.7, 0.15, 0.15), help="train,valid,test fractions"
+        "--frozen-stages",
+        type=_ints,
+        default=(3,),
+        help="stem + this many stages stay frozen (one, or per seed)",
     )
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--sizes", type=_ints, default=(160, 192), help="input size of the first epochs")
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--lr", type=float, default=3e-4, help="peak head learning rate")
+    train.add_argument(
+        "--ema-decay", type=float, default=0.98, help="keep the weight average (0: keep the last weights)"
+    )
+    train.add_argument("--seeds", type=_ints, default=(0,), help="one ensemble member per seed")
+    train.add_argument("--tta", choices=("none", "hflip"), default="none")
+    train.add_argument("--hard-fraction", type=float, default=0.2, help="of each acquisition series")
+    train.add_argument("--valid-fraction", type=float, default=0.15, help="patient-wise, of the rest")
+    train.add_argument("--split-seed", type=int, default=0)
     train.add_argument("--max-train", type=int, help="subsample the training part")
     train.add_argument("--workers", type=int, default=0)
     train.add_argument("--threads", type=int, default=2)
@@ -336,16 +235,18 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     train.add_argument(
         "--perturb", nargs="*", default=list(PERTURBATION_NAMES), choices=list(PERTURBATION_NAMES)
     )
-    train.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    train.add_argument("--perturb-images", type=int, default=300, help="hard-validation images perturbed")
+    train.add_argument("--resume", action="store_true", help="continue from RUN_DIR/member-N/last.pt")
     train.set_defaults(func=run_train)
 
     evaluate = subparsers.add_parser("evaluate", help="measure a bundle on labelled images")
     evaluate.add_argument("--bundle", type=Path, required=True)
     evaluate.add_argument("--data", type=Path, required=True, help="folder LABEL/* (.jpeg/.png/.dcm) or CSV")
     evaluate.add_argument("--out", type=Path, default=Path("runs/evaluate"))
-    evaluate.add_argument("--part", choices=[*PARTS, "all"], default="all", help="patient-wise part to use")
-    evaluate.add_argument("--split", type=_fractions, default=(0.7, 0.15, 0.15))
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--part", choices=[*PARTS, "all"], default="all", help="part of the training split")
+    evaluate.add_argument("--hard-fraction", type=float, default=0.2)
+    evaluate.add_argument("--valid-fraction", type=float, default=0.15)
+    evaluate.add_argument("--split-seed", type=int, default=0)
     evaluate.add_argument("--perturb", nargs="*", default=["original"], choices=list(PERTURBATION_NAMES))
     evaluate.add_argument("--tta", action="store_true")
     evaluate.add_argument("--device", default="cpu")

@@ -2,36 +2,27 @@
 
 Scores come from the bundle exactly as the service computes them (same preprocessing,
 same fp16-stored weights, ``softmax(logits / T)``). Robustness is checked on perturbed
-copies of the same images: other resolutions, JPEG re-encoding, contrast and gamma
-changes, and a 12-bit MONOCHROME1 DICOM round trip through
-:func:`models.preprocess.gray_from_dicom`.
+copies of the same images (:data:`models.data.PERTURBATIONS`).
 """
 
 from __future__ import annotations
 
-import io
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 import torch
 from matplotlib.figure import Figure
-from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from sklearn.metrics import roc_auc_score, roc_curve
 from tqdm import tqdm
 
 from models.bundle import Bundle, Thresholds
 from models.calibrate import calibrated_scores
-from models.metrics import bootstrap_aurocs
-from models.preprocess import Preprocessing, gray_from_dicom, to_input
-from models.train import Sample, load_gray
-
-Perturbation = Callable[[np.ndarray, Preprocessing], np.ndarray]
+from models.data import PERTURBATIONS, Perturbation, Sample, center_crop, load_gray
+from models.metrics import bootstrap_aurocs, reliability
+from models.preprocess import to_input
 
 
 def auroc_ci(
@@ -61,41 +52,6 @@ def auroc_ci(
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(boots, [tail, 1.0 - tail])
     return point, float(low), float(high)
-
-
-def reliability(
-    labels: np.ndarray, scores: np.ndarray, bins: int = 10
-) -> tuple[float, list[dict[str, float]]]:
-    """Expected calibration error of the positive-class probability, with its bins.
-
-    Args:
-        labels: 1 for positive, 0 for negative.
-        scores: calibrated positive-class probabilities.
-        bins: equal-width bins on ``[0, 1]``.
-
-    Returns:
-        ``(ece, bins)`` where each bin has ``low``, ``high``, ``count``, ``confidence``
-        (mean score) and ``frequency`` (fraction positive).
-    """
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(scores, edges[1:-1], right=True), 0, bins - 1)
-    table, ece = [], 0.0
-    for b in range(bins):
-        mask = which == b
-        count = int(mask.sum())
-        confidence = float(scores[mask].mean()) if count else 0.0
-        frequency = float(labels[mask].mean()) if count else 0.0
-        ece += count / len(scores) * abs(confidence - frequency)
-        table.append(
-            {
-                "low": float(edges[b]),
-                "high": float(edges[b + 1]),
-                "count": count,
-                "confidence": confidence,
-                "frequency": frequency,
-            }
-        )
-    return float(ece), table
 
 
 def at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
@@ -172,77 +128,6 @@ def summarize(
     return result
 
 
-def _resized(gray: np.ndarray, size: int) -> np.ndarray:
-    return np.asarray(
-        Image.fromarray(gray, mode="F").resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32
-    )
-
-
-def jpeg_reencode(gray: np.ndarray, quality: int) -> np.ndarray:
-    """8-bit JPEG round trip at ``quality``."""
-    buffer = io.BytesIO()
-    Image.fromarray(np.round(np.clip(gray, 0, 1) * 255).astype(np.uint8)).save(
-        buffer, format="JPEG", quality=quality
-    )
-    return np.asarray(Image.open(buffer), dtype=np.float32) / 255.0
-
-
-def dicom_round_trip(gray: np.ndarray, pre: Preprocessing) -> np.ndarray:
-    """Store ``gray`` as a 12-bit MONOCHROME1 DICOM (no VOI window), read it back as the service does.
-
-    The stored values are inverted (MONOCHROME1) with a rescale slope/intercept, written to
-    bytes and decoded by pydicom; :func:`gray_from_dicom` then applies its percentile window
-    and the inversion back, so contrast is not exactly the source's.
-
-    Args:
-        gray: a ``[0, 1]`` grey image.
-        pre: the preprocessing settings.
-
-    Returns:
-        The grey image the service would compute from that DICOM.
-    """
-    stored = (4095 - np.round(np.clip(gray, 0, 1) * 4095)).astype(np.uint16)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.BodyPartExamined = "CHEST"
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME1"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-    ds.PixelData = stored.tobytes()
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    buffer.seek(0)
-    read = pydicom.dcmread(buffer)
-    return gray_from_dicom(read, read.pixel_array, pre)
-
-
-PERTURBATIONS: dict[str, Perturbation] = {
-    "original": lambda g, p: g,
-    "resolution_112": lambda g, p: _resized(g, 112),
-    "resolution_512": lambda g, p: _resized(g, 512),
-    "jpeg_q20": lambda g, p: jpeg_reencode(g, 20),
-    "contrast_0.6": lambda g, p: np.clip((g - g.mean()) * 0.6 + g.mean(), 0, 1),
-    "gamma_0.6": lambda g, p: g**0.6,
-    "gamma_1.6": lambda g, p: g**1.6,
-    "dicom12_monochrome1": dicom_round_trip,
-}
-
-
-def _center_zoom(gray: np.ndarray, fraction: float = 0.9) -> np.ndarray:
-    h, w = gray.shape
-    dh, dw = round(h * (1 - fraction) / 2), round(w * (1 - fraction) / 2)
-    return gray[dh : h - dh, dw : w - dw]
-
-
 def score_logits(
     bundle: Bundle,
     samples: Sequence[Sample],
@@ -257,7 +142,8 @@ def score_logits(
         bundle: the loaded bundle (its network is switched to channels_last, faster on CPU).
         samples: the images.
         perturbation: applied to the ``[0, 1]`` grey image before :func:`to_input`.
-        tta: average logits over the image and a 90 % centre zoom.
+        tta: also average logits over a 90 % centre zoom of each image (on top of the
+            bundle's own test-time augmentation, if its card has one).
         batch_size: images per forward pass.
         desc: progress-bar label.
 
@@ -271,7 +157,7 @@ def score_logits(
         grays = [perturbation(load_gray(s.path, pre), pre) for s in samples[start : start + batch_size]]
         views = [np.stack([to_input(g, pre) for g in grays])]
         if tta:
-            views.append(np.stack([to_input(_center_zoom(g), pre) for g in grays]))
+            views.append(np.stack([to_input(center_crop(g, 0.9), pre) for g in grays]))
         outputs.append(np.mean([bundle.logits(v).double().numpy() for v in views], axis=0))
     return np.concatenate(outputs)
 

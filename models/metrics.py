@@ -1,5 +1,6 @@
-"""Bootstrap AUROC, vectorised: the evaluation report and the service's monitoring share it.
+"""Metrics shared by the evaluation report and the service's monitoring: bootstrap AUROC, ECE.
 
+Bootstrap AUROC is vectorised:
 A thousand resamples through ``sklearn.metrics.roc_auc_score`` cost about a second (the
 call's input checks dominate); ranking all resamples at once with the Mann–Whitney form
 gives the same values in a few milliseconds.
@@ -44,3 +45,45 @@ def bootstrap_aurocs(
         rank_sum = (ranks * positive).sum(axis=1)
         values.append((rank_sum[kept] - n1[kept] * (n1[kept] + 1) / 2) / (n1[kept] * n0[kept]))
     return np.concatenate(values) if values else np.empty(0)
+
+
+def reliability(
+    labels: np.ndarray, scores: np.ndarray, bins: int = 10
+) -> tuple[float, list[dict[str, float]]]:
+    """Expected calibration error of the positive-class probability, with its bins.
+
+    The one ECE of the project (evaluation reports, model cards and the service's
+    monitoring): ``bins`` equal-width bins, each ``[low, high)`` except the last, which
+    also holds 1.0 (the convention of ``numpy.histogram`` and of the cards' risk
+    histograms); ECE is the count-weighted mean of ``|mean score - fraction positive|``.
+
+    Args:
+        labels: 1 for positive, 0 for negative.
+        scores: calibrated positive-class probabilities in ``[0, 1]``.
+        bins: number of bins.
+
+    Returns:
+        ``(ece, bins)`` where each bin has ``low``, ``high``, ``count``, ``confidence``
+        (mean score) and ``frequency`` (fraction positive); ECE is 0.0 for no score.
+    """
+    labels = np.asarray(labels, dtype=np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
+    edges = np.asarray([i / bins for i in range(bins + 1)])  # exact: 0.3 falls in [0.3, 0.4)
+    which = np.clip(np.searchsorted(edges, scores, side="right") - 1, 0, bins - 1)
+    table, weighted = [], 0.0
+    for b in range(bins):
+        mask = which == b
+        count = int(mask.sum())
+        confidence = float(scores[mask].mean()) if count else 0.0
+        frequency = float(labels[mask].mean()) if count else 0.0
+        weighted += count * abs(confidence - frequency)
+        table.append(
+            {
+                "low": float(edges[b]),
+                "high": float(edges[b + 1]),
+                "count": count,
+                "confidence": confidence,
+                "frequency": frequency,
+            }
+        )
+    return weighted / max(len(scores), 1), table

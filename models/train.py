@@ -1,25 +1,18 @@
 """Fine-tune an ImageNet network on grey radiographs, on CPU or one GPU.
 
-Data is a folder ``CLASS/*.jpeg|png|dcm`` or a CSV of ``path,label``. Every image goes
-through :mod:`models.preprocess` (the service's own functions): DICOMs via
-:func:`~models.preprocess.gray_from_dicom`, pictures via
-:func:`~models.preprocess.gray_from_image`; augmentation acts on the ``[0, 1]`` grey image,
-then :func:`~models.preprocess.resize` and :func:`~models.preprocess.normalize` build the input.
-
-Practice (fast.ai): an LR finder, a one-cycle schedule, discriminative learning rates,
-frozen early stages with gradual unfreezing (head first), class-balanced loss, label
-smoothing, light radiograph augmentation (no vertical flips), AMP + channels_last on CUDA,
-a checkpoint per epoch and ``resume``.
+Data comes from :mod:`models.data` (listing, splits, augmentation). Practice (fast.ai and
+the robustness literature): frozen early stages with the new head trained first (linear
+probe, then fine-tune: Kumar et al. 2022), discriminative learning rates under a one-cycle
+schedule, class-balanced sampling, label smoothing, radiograph augmentation (no vertical
+flips), progressive resizing (smaller images in the first epochs), an exponential moving
+average of the weights (the network returned), AMP + channels_last on CUDA, a checkpoint
+per epoch and ``resume``.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import math
 import random
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,266 +20,15 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
-import pydicom
 import torch
-import torchvision.transforms.v2.functional as TF
-from PIL import Image
 from sklearn.metrics import roc_auc_score
-from torch.utils.data import DataLoader, Dataset
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models.preprocess import Preprocessing, gray_from_dicom, gray_from_image, normalize, resize
+from models.data import Augment, GrayDataset, Sample, balanced_epoch
+from models.preprocess import Preprocessing
 from models.pretrained import pretrained_network
-
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".dcm")
-_PERSON = re.compile(r"^(person\d+)_", re.IGNORECASE)
-_IM_SERIES = re.compile(r"^((?:NORMAL2-)?IM-\d+)-\d+", re.IGNORECASE)
-
-
-class DataError(Exception):
-    """Training data cannot be listed or read."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One labelled image on disk."""
-
-    path: Path
-    label: int
-    patient: str
-    subgroup: str
-
-
-def patient_id(path: Path) -> str:
-    """The patient an image belongs to, from its file name.
-
-    ``person123_bacteria_45.jpeg`` -> ``person123``; ``IM-0115-0001.jpeg`` -> ``IM-0115``;
-    ``NORMAL2-IM-1427-0001.jpeg`` -> ``NORMAL2-IM-1427``; any other name is its own patient.
-
-    Args:
-        path: the image path.
-
-    Returns:
-        The patient key used to keep one child's images in one split.
-    """
-    name = path.name
-    match = _PERSON.match(name) or _IM_SERIES.match(name)
-    return match.group(1) if match else path.stem
-
-
-def subgroup_of(path: Path, label_name: str) -> str:
-    """``bacteria``/``virus`` from the file name when it says so, else the label name."""
-    lowered = path.name.lower()
-    for word in ("bacteria", "virus"):
-        if word in lowered:
-            return word
-    return label_name
-
-
-def list_folder(root: Path, labels: Sequence[str]) -> list[Sample]:
-    """List ``root/LABEL/*`` images (folder names matched case-insensitively).
-
-    Args:
-        root: a folder with one sub-folder per label.
-        labels: label names in class-index order.
-
-    Returns:
-        The samples, sorted by path.
-
-    Raises:
-        DataError: if a label has no folder or no image.
-    """
-    folders = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
-    samples: list[Sample] = []
-    for index, label in enumerate(labels):
-        folder = folders.get(label.lower())
-        if folder is None:
-            raise DataError(f"no folder for label {label!r} in {root}")
-        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not paths:
-            raise DataError(f"no image in {folder}")
-        samples += [Sample(p, index, patient_id(p), subgroup_of(p, label)) for p in paths]
-    return samples
-
-
-def list_csv(csv_path: Path, labels: Sequence[str]) -> list[Sample]:
-    """List images from a CSV with ``path,label`` columns (paths relative to the CSV).
-
-    Args:
-        csv_path: the CSV file; an optional ``patient`` column overrides the file-name rule.
-        labels: label names in class-index order.
-
-    Returns:
-        The samples in file order.
-
-    Raises:
-        DataError: for an unknown label or a missing column.
-    """
-    lookup = {label.lower(): i for i, label in enumerate(labels)}
-    samples: list[Sample] = []
-    with csv_path.open(newline="") as fh:
-        for row in csv.DictReader(fh):
-            if "path" not in row or "label" not in row:
-                raise DataError(f"{csv_path} needs 'path' and 'label' columns")
-            label = row["label"].strip().lower()
-            if label not in lookup:
-                raise DataError(f"unknown label {row['label']!r} in {csv_path}")
-            path = (csv_path.parent / row["path"]).resolve()
-            patient = (row.get("patient") or "").strip() or patient_id(path)
-            samples.append(Sample(path, lookup[label], patient, subgroup_of(path, label)))
-    return samples
-
-
-def list_samples(source: Path, labels: Sequence[str]) -> list[Sample]:
-    """Samples from a folder (``LABEL/*``) or a ``.csv`` file; see :func:`list_folder`."""
-    return list_csv(source, labels) if source.suffix.lower() == ".csv" else list_folder(source, labels)
-
-
-def split_by_patient(samples: Sequence[Sample], fractions: Sequence[float], seed: int) -> list[list[Sample]]:
-    """Split samples so that no patient appears in two parts, stratified by class.
-
-    Patients are grouped by their majority label, shuffled with ``seed`` and cut by the
-    cumulative ``fractions`` (by image count), so the split is deterministic.
-
-    Args:
-        samples: the images.
-        fractions: one fraction per part, summing to 1 (e.g. ``(0.7, 0.15, 0.15)``).
-        seed: the shuffle seed.
-
-    Returns:
-        One list of samples per fraction.
-
-    Raises:
-        ValueError: if the fractions do not sum to 1.
-    """
-    if not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
-        raise ValueError(f"fractions must sum to 1, got {fractions}")
-    by_patient: dict[str, list[Sample]] = {}
-    for sample in samples:
-        by_patient.setdefault(sample.patient, []).append(sample)
-    parts: list[list[Sample]] = [[] for _ in fractions]
-    rng = random.Random(seed)
-    for label in sorted({s.label for s in samples}):
-        patients = sorted(
-            p for p, group in by_patient.items() if round(float(np.mean([s.label for s in group]))) == label
-        )
-        rng.shuffle(patients)
-        total = sum(len(by_patient[p]) for p in patients)
-        bounds = np.cumsum(fractions) * total
-        seen = 0
-        for patient in patients:
-            part = min(int(np.searchsorted(bounds, seen, side="right")), len(fractions) - 1)
-            parts[part] += by_patient[patient]
-            seen += len(by_patient[patient])
-    return [sorted(part, key=lambda s: str(s.path)) for part in parts]
-
-
-def load_gray(path: Path, pre: Preprocessing) -> np.ndarray:
-    """Read one image as the service does: a ``[0, 1]`` MONOCHROME2 grey array.
-
-    Args:
-        path: a ``.dcm`` file or a picture PIL can open.
-        pre: the preprocessing settings (percentile window for DICOMs without one).
-
-    Returns:
-        ``float32`` 2-D array.
-
-    Raises:
-        DataError: if the file cannot be decoded.
-    """
-    try:
-        if path.suffix.lower() == ".dcm":
-            ds = pydicom.dcmread(path)
-            return gray_from_dicom(ds, ds.pixel_array, pre)
-        with Image.open(path) as image:
-            return gray_from_image(image, pre)
-    except (OSError, ValueError, AttributeError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from exc
-
-
-@dataclass(frozen=True)
-class Augment:
-    """Light, varied radiograph augmentation on a ``[0, 1]`` grey image (no vertical flip).
-
-    Geometry (small rotation, scale, shift), then acquisition changes (lower resolution,
-    blur, brightness/contrast/gamma, JPEG re-encoding, noise): the shifts expected between
-    one site's archive and the next.
-    """
-
-    rotate: float = 10.0
-    scale: tuple[float, float] = (0.85, 1.15)
-    shift: float = 0.06
-    contrast: tuple[float, float] = (0.7, 1.35)
-    brightness: float = 0.08
-    gamma: tuple[float, float] = (0.65, 1.5)
-    p_lowres: float = 0.3
-    p_blur: float = 0.2
-    p_jpeg: float = 0.3
-    p_noise: float = 0.2
-
-    def __call__(self, gray: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Return an augmented copy of ``gray`` (values stay in ``[0, 1]``)."""
-        h, w = gray.shape
-        image = torch.from_numpy(np.ascontiguousarray(gray))[None]
-        image = TF.affine(
-            image,
-            angle=float(rng.uniform(-self.rotate, self.rotate)),
-            translate=[
-                float(rng.uniform(-self.shift, self.shift) * w),
-                float(rng.uniform(-self.shift, self.shift) * h),
-            ],
-            scale=float(rng.uniform(*self.scale)),
-            shear=[0.0, 0.0],
-            interpolation=TF.InterpolationMode.BILINEAR,
-        )
-        if rng.random() < self.p_blur:
-            image = TF.gaussian_blur(image, kernel_size=[5, 5], sigma=[float(rng.uniform(0.3, 1.2))] * 2)
-        out = image[0].numpy()
-        if rng.random() < self.p_lowres:
-            factor = rng.uniform(0.35, 0.8)
-            small = (max(16, round(w * factor)), max(16, round(h * factor)))
-            picture = Image.fromarray(out, mode="F").resize(small, Image.Resampling.BILINEAR)
-            out = np.asarray(picture.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32)
-        mean = float(out.mean())
-        out = (
-            (out - mean) * rng.uniform(*self.contrast) + mean + rng.uniform(-self.brightness, self.brightness)
-        )
-        out = np.clip(out, 0.0, 1.0) ** math.exp(
-            rng.uniform(math.log(self.gamma[0]), math.log(self.gamma[1]))
-        )
-        if rng.random() < self.p_jpeg:
-            buffer = io.BytesIO()
-            Image.fromarray(np.round(out * 255).astype(np.uint8)).save(
-                buffer, format="JPEG", quality=int(rng.integers(30, 95))
-            )
-            out = np.asarray(Image.open(buffer), dtype=np.float32) / 255.0
-        if rng.random() < self.p_noise:
-            out = out + rng.normal(0.0, rng.uniform(0.005, 0.03), out.shape)
-        clipped: np.ndarray = np.clip(out, 0.0, 1.0).astype(np.float32)
-        return clipped
-
-
-class GrayDataset(Dataset[tuple[torch.Tensor, int]]):
-    """Samples -> normalised ``(3, S, S)`` tensors, augmented deterministically per epoch."""
-
-    def __init__(
-        self, samples: Sequence[Sample], pre: Preprocessing, augment: Augment | None = None, seed: int = 0
-    ) -> None:
-        self.samples = list(samples)
-        self.pre = pre
-        self.augment = augment
-        self.seed = seed
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        sample = self.samples[index]
-        gray = load_gray(sample.path, self.pre)
-        if self.augment is not None:
-            gray = self.augment(gray, np.random.default_rng([self.seed, self.epoch, index]))
-        return torch.from_numpy(normalize(resize(gray, self.pre), self.pre)), sample.label
 
 
 @dataclass
@@ -295,6 +37,7 @@ class TrainConfig:
 
     architecture: str = "tf_efficientnet_lite0"
     labels: tuple[str, ...] = ("normal", "pneumonia")
+    positive_label: str = "pneumonia"
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     weights_file: Path | None = None
     epochs: int = 4
@@ -306,6 +49,15 @@ class TrainConfig:
     weight_decay: float = 0.01
     label_smoothing: float = 0.1
     pct_start: float = 0.25
+    sizes: tuple[int, ...] = ()
+    """Input size per epoch (progressive resizing); empty or exhausted: the preprocessing's."""
+    balanced: bool = True
+    """Class-balanced sampling (:func:`models.data.balanced_epoch`) instead of a class-weighted loss."""
+    ema_decay: float | None = 0.98
+    """Per-step decay of the weight average returned (None: the last weights)."""
+    stop_after: int | None = None
+    """Stop after this many epochs of the ``epochs``-long schedule (a run cut short for time;
+    the learning rate has then not annealed). None: the whole schedule."""
     augment: Augment = field(default_factory=Augment)
     seed: int = 0
     workers: int = 0
@@ -486,22 +238,49 @@ class TrainResult:
     train_count: int
 
 
-def _loader(dataset: GrayDataset, config: TrainConfig, shuffle: bool) -> DataLoader[tuple[torch.Tensor, int]]:
-    generator = torch.Generator().manual_seed(config.seed)
+def _loader(
+    dataset: GrayDataset, config: TrainConfig, order: Sequence[int] | None = None
+) -> DataLoader[tuple[torch.Tensor, int]]:
+    """Batches of ``dataset``: in ``order`` (training, last partial batch dropped) or as listed."""
     return DataLoader(
         dataset,
         batch_size=config.batch_size,
-        shuffle=shuffle,
+        sampler=order,
         num_workers=config.workers,
-        generator=generator,
-        drop_last=shuffle,
+        drop_last=order is not None,
         persistent_workers=config.workers > 0,
     )
 
 
 def eval_loader(samples: Sequence[Sample], config: TrainConfig) -> DataLoader[tuple[torch.Tensor, int]]:
     """An un-augmented, ordered loader (validation, test)."""
-    return _loader(GrayDataset(samples, config.preprocessing), config, shuffle=False)
+    return _loader(GrayDataset(samples, config.preprocessing), config)
+
+
+def epoch_order(samples: Sequence[Sample], config: TrainConfig, epoch: int) -> list[int]:
+    """The training images of one epoch, in order: class-balanced or a seeded shuffle of all."""
+    if config.balanced:
+        return balanced_epoch(samples, config.seed, epoch)
+    order = list(range(len(samples)))
+    random.Random(config.seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def epoch_size(config: TrainConfig, epoch: int) -> int:
+    """Input size of ``epoch`` under progressive resizing."""
+    return config.sizes[epoch] if epoch < len(config.sizes) else config.preprocessing.input_size
+
+
+def positive_auroc(logits: np.ndarray, labels: np.ndarray, positive_index: int) -> float:
+    """AUROC of the positive class's softmax column against ``labels == positive_index``.
+
+    Args:
+        logits: ``(N, C)`` logits.
+        labels: ``(N,)`` class indices.
+        positive_index: the positive label's column (not necessarily 1).
+    """
+    scores = torch.softmax(torch.from_numpy(logits), 1)[:, positive_index].numpy()
+    return float(roc_auc_score(labels == positive_index, scores))
 
 
 def fit(
@@ -512,12 +291,12 @@ def fit(
     Args:
         config: the run's settings.
         train: training samples.
-        valid: validation samples (AUROC and loss are logged per epoch).
+        valid: validation samples (positive-class AUROC and loss are logged per epoch).
         run_dir: folder for ``last.pt`` and ``epoch-N.pt`` checkpoints and ``history.json``.
-        resume: continue from ``run_dir/last.pt`` if it exists.
+        resume: continue from ``run_dir/last.pt`` if it exists (a finished run is not redone).
 
     Returns:
-        The :class:`TrainResult` of the last epoch.
+        The :class:`TrainResult`; its network is the weight average when ``ema_decay`` is set.
 
     Raises:
         ValueError: for a configuration that cannot train (e.g. no training sample).
@@ -528,16 +307,18 @@ def fit(
     seed_everything(config.seed)
     torch.set_num_threads(config.threads)
     device = torch.device(config.device)
+    positive = config.labels.index(config.positive_label)
     if config.max_train is not None:
         train = random.Random(config.seed).sample(list(train), min(config.max_train, len(train)))
     network = pretrained_network(config.architecture, len(config.labels), config.weights_file)
     frozen = freeze_early(network, config.frozen_stages)
     network.to(device).to(memory_format=torch.channels_last)
-    loss_fn = torch.nn.CrossEntropyLoss(
-        weight=class_weights(train, len(config.labels)).to(device), label_smoothing=config.label_smoothing
-    )
+    weight = None if config.balanced else class_weights(train, len(config.labels)).to(device)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
     train_set = GrayDataset(train, config.preprocessing, config.augment, config.seed)
-    train_loader = _loader(train_set, config, shuffle=True)
+    steps_per_epoch = len(epoch_order(train, config, 0)) // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError("fewer training images than one batch")
     valid_loader = eval_loader(valid, config)
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -548,7 +329,9 @@ def fit(
     if checkpoint is not None:
         lr, curve = checkpoint["lr"], checkpoint["lr_curve"]
     elif config.lr is None:
-        lr, curve = lr_find(network, train_loader, loss_fn, device)
+        lr, curve = lr_find(
+            network, _loader(train_set, config, epoch_order(train, config, 0)), loss_fn, device
+        )
         lr = float(np.clip(lr, 1e-4, 2e-3))
         tqdm.write(f"lr finder suggests {lr:.2e}")
     else:
@@ -559,10 +342,15 @@ def fit(
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
         max_lr=[g["lr"] for g in groups],
-        total_steps=config.epochs * len(train_loader),
+        total_steps=config.epochs * steps_per_epoch,
         pct_start=config.pct_start,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    average = (
+        AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)  # type: ignore[no-untyped-call]
+        if config.ema_decay is not None
+        else None
+    )
     history: list[dict[str, float]] = []
     start_epoch = 0
     if checkpoint is not None:
@@ -570,6 +358,8 @@ def fit(
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
+        if average is not None:
+            average.load_state_dict(checkpoint["average"])
         history, start_epoch = checkpoint["history"], checkpoint["epoch"]
         torch.set_rng_state(checkpoint["torch_rng"])
         tqdm.write(f"resumed after epoch {start_epoch}")
@@ -577,16 +367,19 @@ def fit(
     head_ids = {id(p) for p in head}
     body = [p for g in groups for p in g["params"] if id(p) not in head_ids]
 
-    for epoch in range(start_epoch, config.epochs):
+    last_epoch = config.epochs if config.stop_after is None else min(config.stop_after, config.epochs)
+    for epoch in range(start_epoch, last_epoch):
         # Gradual unfreezing: the new head first, then the unfrozen stages join.
         for param in body:
             param.requires_grad_(epoch >= config.head_epochs)
         train_set.epoch = epoch
+        train_set.size = epoch_size(config, epoch)
         network.train()
         for module in frozen:
             module.eval()
         total, count = 0.0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)
+        loader = _loader(train_set, config, epoch_order(train, config, epoch))
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, total=steps_per_epoch)
         for inputs, targets in bar:
             inputs = inputs.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             targets = targets.to(device, non_blocking=True)
@@ -597,25 +390,29 @@ def fit(
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if average is not None and epoch >= config.head_epochs:
+                average.update_parameters(network)
             total += loss.item() * len(targets)
             count += len(targets)
             bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
-        logits, labels = predict_logits(network, valid_loader, device, desc="validate")
+        scored = average.module if average is not None and epoch >= config.head_epochs else network
+        logits, labels = predict_logits(scored, valid_loader, device, desc="validate")
         valid_loss = float(
             torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels))
         )
-        scores = torch.softmax(torch.from_numpy(logits), 1)[:, 1].numpy()
         record = {
             "epoch": epoch + 1,
+            "input_size": train_set.size,
             "train_loss": total / max(count, 1),
             "valid_loss": valid_loss,
-            "valid_auroc": float(roc_auc_score(labels, scores)),
+            "valid_auroc": positive_auroc(logits, labels, positive),
             "elapsed_s": elapsed_before + time.monotonic() - started,
         }
         history.append(record)
         tqdm.write(json.dumps(record))
         state = {
             "network": network.state_dict(),
+            "average": average.state_dict() if average is not None else None,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
@@ -630,4 +427,6 @@ def fit(
         (run_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
 
     wall = elapsed_before + time.monotonic() - started
-    return TrainResult(network.eval(), history, lr, curve, wall, len(train))
+    averaged = average is not None and last_epoch > config.head_epochs
+    result = average.module if average is not None and averaged else network
+    return TrainResult(result.eval(), history, lr, curve, wall, len(train))

@@ -567,8 +567,9 @@ def test_a_card_with_an_age_population_gates_on_the_header_age(
 
 def test_the_default_card_is_for_children_aged_1_to_5() -> None:
     from models.bundle import read_card
+    from triage_api.settings import DEFAULT_BUNDLE
 
-    card = read_card(Path(__file__).parents[1] / "models" / "bundles" / "cxr-pneumonia-lite0")
+    card = read_card(DEFAULT_BUNDLE)
     assert Gate.of(card).age_bands == ("1–5 y",)
 
 

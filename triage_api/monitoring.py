@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from audit.log import EventCode, Outcome, record
 from models.bundle import BundleError, read_card
 from models.calibrate import RISK_BIN_EDGES
-from models.metrics import bootstrap_aurocs
+from models.metrics import bootstrap_aurocs, reliability
 from triage_api.auth import Principal, Role
 from triage_api.errors import NotFound
 from triage_api.settings import Settings
@@ -58,26 +58,22 @@ def bootstrap_ci(
 
 
 def calibration(scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    """Expected calibration error over 10 equal-width bins, and the bins themselves."""
-    bins = []
-    ece = 0.0
-    index = np.clip(np.digitize(scores, RISK_BINS[1:-1]), 0, len(RISK_BINS) - 2)
-    for b in range(len(RISK_BINS) - 1):
-        members = index == b
-        n = int(members.sum())
-        if n == 0:
-            continue
-        mean_risk, observed = float(scores[members].mean()), float(labels[members].mean())
-        ece += n / len(scores) * abs(mean_risk - observed)
-        bins.append(
-            {
-                "low": float(RISK_BINS[b]),
-                "high": float(RISK_BINS[b + 1]),
-                "n": n,
-                "mean_risk": mean_risk,
-                "observed_rate": observed,
-            }
-        )
+    """Expected calibration error over the 10 risk bins (:func:`models.metrics.reliability`).
+
+    Only non-empty bins are listed.
+    """
+    ece, table = reliability(labels, scores, len(RISK_BINS) - 1)
+    bins = [
+        {
+            "low": b["low"],
+            "high": b["high"],
+            "n": b["count"],
+            "mean_risk": b["confidence"],
+            "observed_rate": b["frequency"],
+        }
+        for b in table
+        if b["count"]
+    ]
     return {"ece": ece if len(scores) else None, "bins": bins}
 
 

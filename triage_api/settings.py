@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
-DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "models" / "bundles" / "cxr-pneumonia-lite0"
+DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "models" / "bundles" / "cxr-pneumonia"
 SITE_CONFIG = Path("/etc/triage/triage.env")
 """The config file the service's systemd unit reads (``EnvironmentFile=``); the CLI reads it too."""
 

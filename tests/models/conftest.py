@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from models.bundle import Bundle, load_bundle
-from models.train import Sample, list_folder
+from models.data import Sample, list_folder
 
 MODELS_DATA = Path(__file__).parent / "data"
 TESTS_DATA = Path(__file__).parents[1] / "data"
-DEFAULT_BUNDLE = Path(__file__).parents[2] / "models" / "bundles" / "cxr-pneumonia-lite0"
+DEFAULT_BUNDLE = Path(__file__).parents[2] / "models" / "bundles" / "cxr-pneumonia"
 LABELS = ("normal", "pneumonia")
 
 

@@ -9,18 +9,16 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from models.bundle import Thresholds, load_bundle
+from models.data import PERTURBATIONS, Sample, dicom_round_trip
 from models.evaluate import (
-    PERTURBATIONS,
     at_threshold,
     auroc_ci,
-    dicom_round_trip,
     evaluate_bundle,
-    reliability,
     summarize,
     write_report,
 )
+from models.metrics import reliability
 from models.preprocess import Preprocessing
-from models.train import Sample
 
 LABELS = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 1])
 SCORES = np.array([0.1, 0.3, 0.35, 0.8, 0.4, 0.6, 0.7, 0.9, 0.95, 0.2, 0.05, 0.65])

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from models.bundle import Bundle, load_bundle
+from models.data import Sample, load_gray
 from models.explain import gradcam
 from models.preprocess import to_input
-from models.train import Sample, load_gray
 
 
 def test_heatmap_shape_and_range(tiny_bundle: Path, samples: list[Sample]) -> None:

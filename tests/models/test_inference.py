@@ -11,9 +11,9 @@ from timm.layers.conv2d_same import Conv2dSame
 from torch import nn
 
 from models.bundle import load_bundle
+from models.data import Sample, load_gray
 from models.inference import CroppedSameConv, prepare, rewrite
 from models.preprocess import to_input
-from models.train import Sample, load_gray
 
 
 def _inputs(batch: int, size: int, seed: int = 1) -> torch.Tensor:
@@ -108,4 +108,6 @@ def test_bf16_autocast_runs_the_rewritten_network(default_bundle_dir: Path, samp
     batch = np.stack([to_input(load_gray(sample.path, pre), pre) for sample in samples])
     want, got = fp32.predict(batch), bf16.predict(batch)
     assert want.min() < 0.5 < want.max()  # both classes: the scores are not saturated alike
-    assert got == pytest.approx(want, abs=0.02)
+    # bf16's logit error reaches the score divided by the temperature: 2.0.0's T = 0.33
+    # (1.0.0: 0.50) moves a mid-range score by up to ~0.021 (measured), not by more.
+    assert got == pytest.approx(want, abs=0.03)

@@ -11,7 +11,7 @@ import pytest
 
 from models.bundle import ChecksumMismatch, verify_bundle
 from models.cli import PERTURBATION_NAMES, add_commands, main
-from models.evaluate import PERTURBATIONS
+from models.data import PERTURBATIONS
 
 
 def test_commands_are_registered() -> None:
@@ -20,7 +20,15 @@ def test_commands_are_registered() -> None:
     args = parser.parse_args(["evaluate", "--bundle", "b", "--data", "d", "--tta"])
     assert callable(args.func) and args.tta
     args = parser.parse_args(["train", "--data", "d", "--out", "o", "--name", "n", "--version", "1"])
-    assert args.epochs == 5 and args.frozen_stages == 4 and args.split == (0.7, 0.15, 0.15)
+    assert args.epochs == 4 and args.frozen_stages == (3,) and args.seeds == (0,) and args.tta == "none"
+    args = parser.parse_args(
+        ["train", "--data", "d", "--out", "o", "--name", "n", "--version", "1", "--seeds", "0,1"]
+    )
+    assert args.seeds == (0, 1) and args.sizes == (160, 192)
+    with pytest.raises(SystemExit):
+        parser.parse_args(
+            ["train", "--data", "d", "--out", "o", "--name", "n", "--version", "1", "--seeds", "a"]
+        )
 
 
 def test_perturbation_choices_are_the_evaluators() -> None:
@@ -35,7 +43,7 @@ def test_list_and_show(
         == 0
     )
     out = capsys.readouterr().out
-    assert "tiny-test@0.0.1" in out and "cxr-pneumonia-lite0@" in out
+    assert "tiny-test@0.0.1" in out and "cxr-pneumonia@2.0.0" in out and "cxr-pneumonia-lite0@1.0.0" in out
     assert main(["models", "show", str(tiny_bundle)]) == 0
     assert json.loads(capsys.readouterr().out)["name"] == "tiny-test"
 

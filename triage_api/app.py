@@ -27,6 +27,7 @@ from triage_api import (
     audit_views,
     auth,
     cases,
+    golive,
     health_views,
     imaging_views,
     ingest,
@@ -37,6 +38,7 @@ from triage_api import (
     reading,
     reading_views,
 )
+from triage_api.api import clinics as clinics_api
 from triage_api.auth import Role
 from triage_api.blobs import write_atomically
 from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
@@ -239,6 +241,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health_views.router)
     app.include_router(audit_views.router)
     app.include_router(imaging_views.router)
+    app.include_router(clinics_api.router)
     web_views.install(app)
     return app
 
@@ -284,7 +287,8 @@ def _routes(app: FastAPI) -> None:
         """One case with its current prediction."""
         with transaction(runtime.factory) as session:
             case, prediction = cases.read_case(session, principal=principal, case_id=case_id)
-            return case_read(case, prediction, reading.primary_read(session, case.id))
+            shown = bool(golive.shown_cases(session, [case]))
+            return case_read(case, prediction, reading.primary_read(session, case.id), shown)
 
     @app.get("/v1/worklist", response_model=list[WorklistItem])
     def get_worklist(
@@ -307,7 +311,8 @@ def _routes(app: FastAPI) -> None:
                 limit=limit,
                 offset=offset,
             )
-            return [worklist_item(case) for case in rows]
+            shown = golive.shown_cases(session, rows)
+            return [worklist_item(case, case.id in shown) for case in rows]
 
     @app.post("/v1/users", response_model=UserCreated, status_code=201)
     def create_user(runtime: RuntimeDep, principal: Admin, body: UserCreate) -> UserCreated:

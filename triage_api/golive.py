@@ -29,17 +29,17 @@ from typing import Any
 import numpy as np
 from scipy.special import expit, logsumexp
 from sklearn.linear_model import LogisticRegression
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from audit.log import EventCode, record
 from models.bundle import BundleError, ModelCard, Thresholds, read_card
 from models.calibrate import operating_points
 from models.metrics import bootstrap_aurocs
-from triage_api.auth import Principal
+from triage_api.auth import Principal, Role
 from triage_api.errors import Conflict, InvalidRequest, NotFound, NotPermitted
 from triage_api.monitoring import auroc, bootstrap_ci, calibration
-from triage_api.priority import rescored_deadline, tier_of
+from triage_api.priority import rescored_deadline, routine_deadline, tier_of
 from triage_api.settings import Settings
 from triage_api.tables import (
     Calibration,
@@ -51,7 +51,7 @@ from triage_api.tables import (
     Read,
     Reprioritisation,
 )
-from triage_api.vocab import AiMode, CalibrationStatus, Finding
+from triage_api.vocab import AiMode, CalibrationStatus, Finding, Tier
 
 AI_OFF_REASON = "ai off"
 """The ``not_analyzed`` reason of a study of a clinic whose AI is ``off``."""
@@ -112,18 +112,20 @@ def withhold_ai(mode: AiMode, blind_rate: float, rng: random.Random) -> bool:
 def set_mode(
     session: Session,
     *,
-    principal: Principal,
+    actor: str,
     clinic_name: str,
     mode: AiMode,
     reason: str,
     override_reason: str | None,
     card: ModelCard,
+    settings: Settings,
     blind_sample_rate: float | None = None,
 ) -> Clinic:
     """Switch a clinic's AI mode, audited.
 
     Going ``live`` needs a local validation that suffices (:data:`MIN_READS` ...) of the
     model in force, or an explicit ``override_reason`` (recorded in the audit log).
+    Leaving ``live`` withdraws the AI from the clinic's open cases (:func:`withdraw_ai`).
 
     Raises:
         NotFound: no such clinic.
@@ -143,13 +145,15 @@ def set_mode(
                     "give override_reason to go live anyway"
                 )
             details["override_reason"] = override_reason[:200]
+    if before is AiMode.LIVE and mode is not AiMode.LIVE:
+        details["withdrawn"] = withdraw_ai(session, clinic_id=clinic.id, settings=settings)
     clinic.ai_mode = mode
     if blind_sample_rate is not None:
         details["blind_sample_rate"] = {"from": clinic.blind_sample_rate, "to": blind_sample_rate}
         clinic.blind_sample_rate = blind_sample_rate
     record(
         session,
-        actor=principal.actor,
+        actor=actor,
         action="clinic.ai_mode",
         code=EventCode.SECURITY_ALERT,
         object_type="clinic",
@@ -157,6 +161,36 @@ def set_mode(
         details=details,
     )
     return clinic
+
+
+def withdraw_ai(session: Session, *, clinic_id: int, settings: Settings) -> int:
+    """Hide the AI from the clinic's open scored cases, and give them back their non-AI deadline.
+
+    Their risk, tier and model leave the case (the prediction row keeps them, marked
+    hidden), so their reads become AI-blind; the order falls back to the routine SLA, or
+    the reader's manual priority where there is one. Returns how many cases.
+    """
+    manual = select(Reprioritisation.case_id)
+    open_cases = session.execute(
+        select(Case).where(Case.clinic_id == clinic_id, Case.read_at.is_(None), Case.risk.is_not(None))
+    ).scalars()
+    moved = set(
+        session.execute(
+            manual.where(
+                Reprioritisation.case_id.in_(
+                    select(Case.id).where(Case.clinic_id == clinic_id, Case.read_at.is_(None))
+                )
+            )
+        ).scalars()
+    )
+    count = 0
+    for case in open_cases:
+        case.risk, case.model_ref, case.calibration_id, case.ai_hidden = None, None, None, True
+        if case.id not in moved:
+            case.tier, case.deadline = Tier.ROUTINE, routine_deadline(case.received_at, settings)
+        session.execute(update(Prediction).where(Prediction.case_id == case.id).values(ai_hidden=True))
+        count += 1
+    return count
 
 
 # --- scores ---------------------------------------------------------------------------------
@@ -550,9 +584,14 @@ def propose(
     return row
 
 
+def in_scope(principal: Principal, clinic_id: int) -> bool:
+    """An admin governs every clinic; an auditor only the clinics they act for."""
+    return principal.role is Role.ADMIN or clinic_id in principal.clinic_ids
+
+
 def _decidable(session: Session, principal: Principal, calibration_id: int) -> Calibration:
     row = session.get(Calibration, calibration_id)
-    if row is None or row.clinic_id not in principal.clinic_ids:
+    if row is None or not in_scope(principal, row.clinic_id):
         raise NotFound("no such calibration")
     return row
 
@@ -703,6 +742,28 @@ def _scoring_logits(session: Session, case_ids: list[str], scoring: Scoring) -> 
         if logit is not None:
             latest[case_id] = float(logit)
     return latest
+
+
+def calibrations_of(session: Session, clinic_id: int) -> list[Calibration]:
+    """A clinic's calibrations and promotions, newest first."""
+    return list(
+        session.execute(
+            select(Calibration).where(Calibration.clinic_id == clinic_id).order_by(Calibration.id.desc())
+        ).scalars()
+    )
+
+
+def audit_view(session: Session, principal: Principal, action: str, report: dict[str, Any]) -> None:
+    """Record that ``principal`` looked at a validation or comparison report (110112)."""
+    record(
+        session,
+        actor=principal.actor,
+        action=action,
+        code=EventCode.QUERY,
+        object_type="clinic",
+        object_id=str(report["clinic"])[:64],
+        details={"n_reads": report["n_reads"]},
+    )
 
 
 def calibration_out(row: Calibration) -> dict[str, Any]:

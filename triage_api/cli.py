@@ -170,7 +170,8 @@ def _clinics_mode(args: argparse.Namespace) -> int:
                 settings=settings,
                 blind_sample_rate=args.blind_sample_rate,
             )
-            print(f"{clinic.name}: AI {clinic.ai_mode}, AI-blind sample {clinic.blind_sample_rate:.1%}")
+            rate = golive.blind_rate(clinic, settings)
+            print(f"{clinic.name}: AI {clinic.ai_mode}, AI-blind sample {rate:.1%}")
     except TriageError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2

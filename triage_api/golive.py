@@ -100,6 +100,11 @@ def shown_cases(session: Session, cases: Iterable[Case]) -> set[str]:
     return {c.id for c in listed if ai_shown(c, modes.get(c.clinic_id, AiMode.LIVE))}
 
 
+def blind_rate(clinic: Clinic, settings: Settings) -> float:
+    """The clinic's AI-blind sample rate, or the site's default."""
+    return clinic.blind_sample_rate if clinic.blind_sample_rate is not None else settings.blind_sample_rate
+
+
 def withhold_ai(mode: AiMode, blind_rate: float, rng: random.Random) -> bool:
     """Whether a study about to be scored is scored with the AI withheld from its readers.
 
@@ -149,7 +154,7 @@ def set_mode(
         details["withdrawn"] = withdraw_ai(session, clinic_id=clinic.id, settings=settings)
     clinic.ai_mode = mode
     if blind_sample_rate is not None:
-        details["blind_sample_rate"] = {"from": clinic.blind_sample_rate, "to": blind_sample_rate}
+        details["blind_sample_rate"] = {"from": blind_rate(clinic, settings), "to": blind_sample_rate}
         clinic.blind_sample_rate = blind_sample_rate
     record(
         session,

@@ -64,8 +64,9 @@ class Clinic(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     ai_mode: Mapped[AiMode] = mapped_column(String(10), default=AiMode.LIVE, server_default="live")
     """``live`` by default, so that a deployed clinic keeps today's behaviour (:mod:`triage_api.golive`)."""
-    blind_sample_rate: Mapped[float] = mapped_column(Float, default=0.05, server_default="0.05")
-    """In ``live``: the share of studies scored but read without the AI (the feedback-loop guard)."""
+    blind_sample_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """In ``live``: the share of studies scored but read without the AI (the feedback-loop guard);
+    None: the site's ``Settings.blind_sample_rate``."""
 
 
 class User(Base):

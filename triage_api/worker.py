@@ -298,7 +298,7 @@ class Worker:
         risk = scoring.risk(logit)
         tier = tier_of(risk, scoring.thresholds)
         mode = AiMode(clinic.ai_mode)
-        hidden = golive.withhold_ai(mode, clinic.blind_sample_rate, self.rng)
+        hidden = golive.withhold_ai(mode, golive.blind_rate(clinic, self.settings), self.rng)
         session.add(
             Prediction(
                 case_id=case.id,
@@ -325,16 +325,12 @@ class Worker:
                         created_at=self.clock(),
                     )
                 )
-        details: dict[str, object] = {
-            "risk": round(risk, 6),
-            "tier": tier,
-            "model": scoring.model_ref,
-            "calibration": scoring.calibration_id,
-        }
-        if hidden:
+        details: dict[str, object] = {"model": scoring.model_ref, "calibration": scoring.calibration_id}
+        if hidden:  # the score stays in its prediction row, out of every log
             case.ai_hidden = True
             details["ai_withheld"] = "shadow" if mode is AiMode.SHADOW else "blind_sample"
             return details
+        details.update(risk=round(risk, 6), tier=tier)
         case.risk, case.tier, case.model_ref = risk, tier, scoring.model_ref
         case.calibration_id = scoring.calibration_id
         case.deadline = rescored_deadline(case.deadline, case.received_at, tier, self.settings)

@@ -107,7 +107,8 @@ def set_ai_mode(runtime: RuntimeDep, principal: Admin, clinic: str, body: ModeCh
             settings=runtime.settings,
             blind_sample_rate=body.blind_sample_rate,
         )
-        return ModeOut(clinic=row.name, ai_mode=row.ai_mode, blind_sample_rate=row.blind_sample_rate)
+        rate = golive.blind_rate(row, runtime.settings)
+        return ModeOut(clinic=row.name, ai_mode=row.ai_mode, blind_sample_rate=rate)
 
 
 @router.get("/v1/clinics/{clinic}/validation")

@@ -16,9 +16,7 @@ depends_on = None
 
 def upgrade() -> None:
     op.add_column("clinics", sa.Column("ai_mode", sa.String(10), nullable=False, server_default="live"))
-    op.add_column(
-        "clinics", sa.Column("blind_sample_rate", sa.Float(), nullable=False, server_default="0.05")
-    )
+    op.add_column("clinics", sa.Column("blind_sample_rate", sa.Float(), nullable=True))
     op.add_column("cases", sa.Column("ai_hidden", sa.Boolean(), nullable=False, server_default=sa.false()))
     op.add_column("cases", sa.Column("calibration_id", sa.Integer(), nullable=True))
     op.add_column("predictions", sa.Column("logit", sa.Float(), nullable=True))

@@ -163,7 +163,7 @@ def _clinics_mode(args: argparse.Namespace) -> int:
                 session,
                 actor="cli",
                 clinic_name=args.clinic,
-                mode=args.mode,
+                mode=AiMode(args.mode),
                 reason=args.reason,
                 override_reason=args.override_reason,
                 card=live_card(settings),

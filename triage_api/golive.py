@@ -137,7 +137,7 @@ def set_mode(
         Conflict: going live on an insufficient validation without ``override_reason``.
     """
     clinic = clinic_named(session, clinic_name)
-    before = AiMode(clinic.ai_mode)
+    before, mode = AiMode(clinic.ai_mode), AiMode(mode)
     details: dict[str, Any] = {"from": before, "to": mode, "reason": reason[:200]}
     if mode is AiMode.LIVE and before is not AiMode.LIVE:
         report = validation(session, clinic=clinic, card=card)

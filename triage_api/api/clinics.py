@@ -25,7 +25,7 @@ from triage_api.vocab import AiMode
 router = APIRouter()
 
 Governor = Annotated[Principal, allow(Role.AUDITOR, Role.ADMIN)]
-Approver = Annotated[Principal, allow(Role.AUDITOR)]
+"""Auditors (for their clinics) and admins: read the evidence, decide another person's proposal."""
 
 Reason = Field(min_length=1, max_length=1000)
 
@@ -192,13 +192,13 @@ def _decide(
 
 
 @router.post("/v1/calibrations/{calibration_id}/approve")
-def approve(runtime: RuntimeDep, principal: Approver, calibration_id: int, body: Decision) -> dict[str, Any]:
+def approve(runtime: RuntimeDep, principal: Governor, calibration_id: int, body: Decision) -> dict[str, Any]:
     """Approve a proposal (not your own): it applies to new scores and re-tiers open cases."""
     return golive.calibration_out(_decide(runtime, principal, calibration_id, body, approve=True))
 
 
 @router.post("/v1/calibrations/{calibration_id}/reject")
-def reject(runtime: RuntimeDep, principal: Approver, calibration_id: int, body: Decision) -> dict[str, Any]:
+def reject(runtime: RuntimeDep, principal: Governor, calibration_id: int, body: Decision) -> dict[str, Any]:
     """Reject a proposal (not your own), with a reason."""
     return golive.calibration_out(_decide(runtime, principal, calibration_id, body, approve=False))
 

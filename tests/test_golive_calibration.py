@@ -24,6 +24,7 @@ from sqlalchemy import select
 from audit.log import AuditEvent
 from models.bundle import read_card
 from tests.conftest import MakeKey, bearer
+from tests.test_golive import web_login
 from triage_api import golive
 from triage_api.app import create_app
 from triage_api.cli import main as triage_main
@@ -155,6 +156,11 @@ def test_validation_uses_ai_blind_reads_only_and_states_its_rule(
     assert low <= report["card"]["auroc"] <= high
     assert report["card"]["calibration"]["ece"] > 0.05
     assert set(report["card"]["critical"]) == {"threshold", "sensitivity", "specificity"}
+    web_login(client, client.app.state.runtime.factory, "auditor", "north")
+    desk = client.get("/web/audit").text
+    assert "Local validation" in desk and "150 reads" in desk and "40 left out" in desk
+    assert "Calibration of tiny-test@0.0.1 at north, AI-blind reads" in desk and "<svg" in desk
+    client.cookies.clear()
     seed(client, "north", *synthetic(100, seed=4))
     assert client.get("/v1/clinics/north/validation", headers=auditor).json()["sufficient"] is True
     assert client.get("/v1/clinics/south/validation", headers=auditor).status_code == 404

@@ -615,6 +615,16 @@ def file_appeal(
 # --- auditor ---------------------------------------------------------------------------------
 
 
+def _local_validation(session: Session, runtime: Runtime, clinic_ids: frozenset[int]) -> list[dict[str, Any]]:
+    """Each clinic's local validation of the live model, with its reliability diagram."""
+    card = _card(runtime, None)
+    if card is None:
+        return []
+    clinics = session.execute(select(Clinic).where(Clinic.id.in_(clinic_ids)).order_by(Clinic.name)).scalars()
+    reports = [golive.validation(session, clinic=clinic, card=card) for clinic in clinics]
+    return [{"report": report, "svg": charts.validation_svg(report)} for report in reports]
+
+
 @router.get("/web/audit", response_class=HTMLResponse)
 def audit_desk(
     request: Request,
@@ -644,10 +654,12 @@ def audit_desk(
         )
         listed = appeals.list_appeals(session, principal=user.principal)
         second = {a.id: appeals.second_read(session, a) for a in listed}
+        local = _local_validation(session, runtime, user.principal.clinic_ids)
     return _page(
         request,
         "audit.html",
         user,
+        local=local,
         overrides=rows,
         readers=all_readers,
         models=models,

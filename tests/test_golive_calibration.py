@@ -29,9 +29,10 @@ from triage_api import golive
 from triage_api.app import create_app
 from triage_api.cli import main as triage_main
 from triage_api.db import transaction
+from triage_api.errors import Conflict
 from triage_api.priority import sla, tier_of
 from triage_api.settings import Settings
-from triage_api.tables import Case, ChallengerScore, Clinic, Prediction, Read, User
+from triage_api.tables import Case, Challenger, ChallengerScore, Clinic, Prediction, Read, User
 from triage_api.vocab import Tier
 from triage_api.worker import Result, Worker
 
@@ -411,6 +412,8 @@ def test_challenger_compared_promoted_only_when_not_worse_and_never_shown(
     body = client.get(f"/v1/studies/{case.id}", headers=bearer(make_key("radiologist", "north"))).json()
     assert body["model_version"] == "tiny-test@0.0.3" and body["calibration_id"] == promotion.json()["id"]
     assert "0.0.2" not in json.dumps(body)
+    with pytest.raises(Conflict), transaction(client.app.state.runtime.factory) as session:
+        golive.stop_challenger(session, actor="test", clinic_name="north", model_ref="tiny-test@0.0.3")
 
 
 def test_cli_mode_validation_shadow_and_export_guard(
@@ -435,6 +438,9 @@ def test_cli_mode_validation_shadow_and_export_guard(
     )
     assert "tiny-test@0.0.2" in capsys.readouterr().out
     assert triage_main(["models", "shadow", str(settings.model_path), "--clinic", "north"]) == 2
+    assert triage_main(["models", "shadow", "tiny-test@0.0.2", "--clinic", "north", "--stop"]) == 0
+    with client.app.state.runtime.factory() as session:
+        assert session.execute(select(Challenger.active)).scalar_one() is False
     out = tmp_path / "reads.csv"
     assert triage_main(["export-reads", str(out)]) == 0
     assert "20 left out because the AI score was shown" in capsys.readouterr().out

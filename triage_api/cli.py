@@ -9,9 +9,12 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
 
 from audit.log import EventCode, record
 from models import cli as models_cli
@@ -117,6 +120,17 @@ def _users_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextmanager
+def _database(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    """A migrated database for one command, its connections closed afterwards."""
+    engine = make_engine(settings.sqlalchemy_url)
+    try:
+        migrate(engine)
+        yield make_sessionmaker(engine)
+    finally:
+        engine.dispose()
+
+
 def _export_reads(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
@@ -124,9 +138,7 @@ def _export_reads(args: argparse.Namespace) -> int:
     from triage_api.tables import Clinic
 
     settings = Settings()
-    engine = make_engine(settings.sqlalchemy_url)
-    migrate(engine)
-    with transaction(make_sessionmaker(engine)) as session:
+    with _database(settings) as factory, transaction(factory) as session:
         clinic_ids = None
         if args.clinic:
             clinic_ids = set(session.execute(select(Clinic.id).where(Clinic.name.in_(args.clinic))).scalars())
@@ -155,10 +167,8 @@ def _clinics_mode(args: argparse.Namespace) -> int:
     from triage_api.errors import TriageError
 
     settings = Settings()
-    engine = make_engine(settings.sqlalchemy_url)
-    migrate(engine)
     try:
-        with transaction(make_sessionmaker(engine)) as session:
+        with _database(settings) as factory, transaction(factory) as session:
             clinic = golive.set_mode(
                 session,
                 actor="cli",
@@ -186,10 +196,8 @@ def _validation(args: argparse.Namespace) -> int:
     from triage_api.errors import TriageError
 
     settings = Settings()
-    engine = make_engine(settings.sqlalchemy_url)
-    migrate(engine)
     try:
-        with transaction(make_sessionmaker(engine)) as session:
+        with _database(settings) as factory, transaction(factory) as session:
             clinic = golive.clinic_named(session, args.clinic)
             if args.challenger:
                 report = golive.compare(
@@ -223,14 +231,18 @@ def _models_shadow(args: argparse.Namespace) -> int:
     from triage_api.errors import TriageError
 
     settings = Settings()
-    engine = make_engine(settings.sqlalchemy_url)
-    migrate(engine)
     path = Path(args.model)
     if not path.is_dir():
         found = models_cli.bundle_dirs([models_cli.DEFAULT_BUNDLES, models_cli.LOCAL_BUNDLES])
         path = next((p for p in found if _ref_of(p) == args.model), path)
     try:
-        with transaction(make_sessionmaker(engine)) as session:
+        with _database(settings) as factory, transaction(factory) as session:
+            if args.stop:
+                stopped = golive.stop_challenger(
+                    session, actor="cli", clinic_name=args.clinic, model_ref=_ref_of(path) or args.model
+                )
+                print(f"challenger {stopped.model_ref} no longer scores {args.clinic}'s studies")
+                return 0
             row = golive.add_challenger(
                 session,
                 actor="cli",
@@ -338,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     shadow = models.add_parser("shadow", help="score a clinic's studies with a challenger too, never shown")
     shadow.add_argument("model", help="name@version of an imported bundle, or a bundle folder")
     shadow.add_argument("--clinic", required=True)
+    shadow.add_argument("--stop", action="store_true", help="stop scoring with it (its scores are kept)")
     shadow.set_defaults(func=_models_shadow)
     return parser
 

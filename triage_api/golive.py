@@ -601,6 +601,12 @@ def _decidable(session: Session, principal: Principal, calibration_id: int) -> C
     return row
 
 
+def _lock_clinic(session: Session, clinic_id: int) -> None:
+    """Serialise decisions per clinic, so that two approvals at once cannot both be in force
+    (PostgreSQL row lock; SQLite transactions already take the write lock at BEGIN)."""
+    session.execute(select(Clinic.id).where(Clinic.id == clinic_id).with_for_update())
+
+
 def decide(
     session: Session,
     *,
@@ -623,6 +629,8 @@ def decide(
         Conflict: already decided.
     """
     row = _decidable(session, principal, calibration_id)
+    _lock_clinic(session, row.clinic_id)
+    session.refresh(row)  # as it is now that no other decision is under way
     if row.proposed_by == principal.user_id:
         raise NotPermitted("the proposer cannot decide their own proposal; another person must")
     if row.status != CalibrationStatus.PROPOSED:
@@ -665,6 +673,8 @@ def rollback(
         Conflict: it is not the one in force.
     """
     row = _decidable(session, principal, calibration_id)
+    _lock_clinic(session, row.clinic_id)
+    session.refresh(row)  # as it is now that no other decision is under way
     if row.status != CalibrationStatus.APPROVED:
         raise Conflict(f"only the calibration in force can be rolled back; this one is {row.status}")
     row.status = CalibrationStatus.ROLLED_BACK
@@ -833,6 +843,35 @@ def add_challenger(
         object_type="challenger",
         object_id=str(row.id),
         details={"clinic": clinic.id, "model": card.ref},
+    )
+    return row
+
+
+def stop_challenger(session: Session, *, actor: str, clinic_name: str, model_ref: str) -> Challenger:
+    """Stop scoring a clinic's studies with a challenger (its scores so far are kept), audited.
+
+    Raises:
+        NotFound: no such challenger for the clinic.
+        Conflict: its promotion is in force (roll that back first).
+    """
+    clinic = clinic_named(session, clinic_name)
+    row = session.execute(
+        select(Challenger).where(Challenger.clinic_id == clinic.id, Challenger.model_ref == model_ref)
+    ).scalar_one_or_none()
+    if row is None:
+        raise NotFound("no such challenger for this clinic")
+    current = in_force(session, clinic.id)
+    if current is not None and current.challenger_id == row.id:
+        raise Conflict("this challenger's promotion is in force; roll it back first")
+    row.active = False
+    record(
+        session,
+        actor=actor,
+        action="challenger.stop",
+        code=EventCode.SECURITY_ALERT,
+        object_type="challenger",
+        object_id=str(row.id),
+        details={"clinic": clinic.id, "model": row.model_ref},
     )
     return row
 

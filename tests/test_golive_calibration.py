@@ -195,6 +195,7 @@ def test_calibration_two_person_rule_approval_retiering_and_rollback(
     assert proposed.status_code == 201, proposed.text
     first = proposed.json()
     assert first["status"] == "proposed" and first["temperature"] == pytest.approx(TEMPERATURE, abs=0.5)
+    assert first["report"]["sufficient"] is True and first["report"]["n_reads"] == 400
     cv = first["report"]["cross_validation"]
     assert cv["after"]["ece"] < cv["before"]["ece"]
 

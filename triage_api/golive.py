@@ -67,8 +67,11 @@ FOLDS = 5
 
 
 def clinic_named(session: Session, name: str) -> Clinic:
-    """Raises:
-    NotFound: no clinic of that name."""
+    """The clinic called ``name``.
+
+    Raises:
+        NotFound: no clinic of that name.
+    """
     clinic = session.execute(select(Clinic).where(Clinic.name == name)).scalar_one_or_none()
     if clinic is None:
         raise NotFound("no such clinic")
@@ -175,27 +178,22 @@ def withdraw_ai(session: Session, *, clinic_id: int, settings: Settings) -> int:
     hidden), so their reads become AI-blind; the order falls back to the routine SLA, or
     the reader's manual priority where there is one. Returns how many cases.
     """
-    manual = select(Reprioritisation.case_id)
-    open_cases = session.execute(
-        select(Case).where(Case.clinic_id == clinic_id, Case.read_at.is_(None), Case.risk.is_not(None))
-    ).scalars()
-    moved = set(
+    open_cases = list(
         session.execute(
-            manual.where(
-                Reprioritisation.case_id.in_(
-                    select(Case.id).where(Case.clinic_id == clinic_id, Case.read_at.is_(None))
-                )
-            )
+            select(Case).where(Case.clinic_id == clinic_id, Case.read_at.is_(None), Case.risk.is_not(None))
         ).scalars()
     )
-    count = 0
+    ids = [case.id for case in open_cases]
+    moved = set(
+        session.execute(select(Reprioritisation.case_id).where(Reprioritisation.case_id.in_(ids))).scalars()
+    )
     for case in open_cases:
         case.risk, case.model_ref, case.calibration_id, case.ai_hidden = None, None, None, True
         if case.id not in moved:
             case.tier, case.deadline = Tier.ROUTINE, routine_deadline(case.received_at, settings)
-        session.execute(update(Prediction).where(Prediction.case_id == case.id).values(ai_hidden=True))
-        count += 1
-    return count
+    if ids:
+        session.execute(update(Prediction).where(Prediction.case_id.in_(ids)).values(ai_hidden=True))
+    return len(open_cases)
 
 
 # --- scores ---------------------------------------------------------------------------------
@@ -366,6 +364,11 @@ def card_of(session: Session, clinic_id: int, model_ref: str, live: ModelCard) -
         raise NotFound("the challenger's bundle is no longer on this server") from None
 
 
+def sufficient(positives: int, negatives: int) -> bool:
+    """Whether this many AI-blind reads suffice for a decision (:data:`MIN_READS` ...)."""
+    return positives + negatives >= MIN_READS and positives >= MIN_POSITIVES and negatives >= MIN_NEGATIVES
+
+
 def validation(
     session: Session, *, clinic: Clinic, card: ModelCard, model_ref: str | None = None
 ) -> dict[str, Any]:
@@ -385,9 +388,7 @@ def validation(
         "prevalence": positives / len(data.labels) if len(data.labels) else None,
         "excluded_ai_shown": data.excluded_ai_shown,
         "rule": f">= {MIN_READS} AI-blind reads, >= {MIN_POSITIVES} positive and >= {MIN_NEGATIVES} negative",
-        "sufficient": len(data.labels) >= MIN_READS
-        and positives >= MIN_POSITIVES
-        and negatives >= MIN_NEGATIVES,
+        "sufficient": sufficient(positives, negatives),
         "card": metrics(expit(data.logits), data.labels, model_card.thresholds),
         "site_calibration": None,
     }
@@ -560,6 +561,7 @@ def propose(
         elevated_sensitivity=elevated_sensitivity,
     )
     fit["excluded_ai_shown"] = data.excluded_ai_shown
+    fit["sufficient"] = sufficient(fit["positives"], fit["n_reads"] - fit["positives"])
     fit.update(details)
     row = Calibration(
         clinic_id=clinic.id,

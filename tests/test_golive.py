@@ -238,10 +238,14 @@ def test_off_means_not_scored(quiet_client: TestClient, manual: Settings, make_k
     client = quiet_client
     north = make_key("uploader", "north")
     assert set_mode(client, make_key("admin"), "north", "off").status_code == 200
-    case_id = score_next(new_worker(client, manual), client, north)
+    worker = new_worker(client, manual)
+    finished = score_next(worker, client, north)  # switched off while its scoring ran: nothing stored
+    response = upload(client, north, (DATA / "cr_chest_pa_jpeg_baseline_siim.dcm").read_bytes())
+    assert worker.run_once()  # neither decoded nor scored
     with client.app.state.runtime.factory() as session:
-        case = session.get_one(Case, case_id)
-        assert (case.status, case.reason, case.risk) == ("not_analyzed", golive.AI_OFF_REASON, None)
+        for case_id in (finished, response.json()["id"]):
+            case = session.get_one(Case, case_id)
+            assert (case.status, case.reason, case.risk) == ("not_analyzed", golive.AI_OFF_REASON, None)
         assert session.execute(select(Prediction)).first() is None
 
 

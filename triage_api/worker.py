@@ -179,16 +179,34 @@ class Worker:
         return claims
 
     def decode(self, claims: list[Claim]) -> list[Decoded]:
-        """Decode and gate claimed studies: in :attr:`pool` if there is one, else in this thread."""
+        """Decode and gate claimed studies: in :attr:`pool` if there is one, else in this thread.
+
+        A study of a clinic whose AI is ``off`` is not decoded (nor scored): it is
+        ``not_analyzed`` with :data:`~triage_api.golive.AI_OFF_REASON`.
+        """
+        off = self._ai_off(claims)
         tasks = [
             DecodeTask(
                 str(blob_path(self.settings.blob_dir, claim.sha256)), claim.media_type == DICOM, self.gate
             )
             for claim in claims
+            if claim.case_id not in off
         ]
-        if self.pool is not None:
-            return self.pool.map(tasks)
-        return [decode_study(task) for task in tasks]
+        done = iter(self.pool.map(tasks) if self.pool is not None else [decode_study(task) for task in tasks])
+        skipped = Decoded("not_analyzed", reason=golive.AI_OFF_REASON)
+        return [skipped if claim.case_id in off else next(done) for claim in claims]
+
+    def _ai_off(self, claims: list[Claim]) -> set[str]:
+        """The claimed cases whose clinic's AI is ``off``."""
+        if not claims:
+            return set()
+        with self.factory() as session:
+            rows = session.execute(
+                select(Case.id)
+                .join(Clinic, Clinic.id == Case.clinic_id)
+                .where(Case.id.in_([c.case_id for c in claims]), Clinic.ai_mode == AiMode.OFF)
+            ).scalars()
+            return set(rows)
 
     def forward(self, decoded: list[Decoded]) -> list[Result]:
         """Score the decoded studies with one forward pass; the others keep their reason.

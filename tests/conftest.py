@@ -84,6 +84,7 @@ def settings(tmp_path: Path, database_url: str, tiny_bundle: Path) -> Settings:
         database_url=database_url,
         model_path=tiny_bundle,
         poll_seconds=0.05,
+        blind_sample_rate=0.0,  # scores stay visible; tests/test_golive*.py covers the AI-blind sample
     )
 
 

@@ -37,6 +37,14 @@ ALLOWED: dict[tuple[str, str], set[str]] = {
     ("GET", "/v1/audit"): {"auditor"},
     ("GET", "/v1/health"): {"admin", "auditor"},
     ("GET", "/metrics"): {"admin", "auditor"},
+    ("PUT", "/v1/clinics/{clinic}/ai-mode"): {"admin"},
+    ("GET", "/v1/clinics/{clinic}/validation"): {"admin", "auditor"},
+    ("GET", "/v1/clinics/{clinic}/comparison"): {"admin", "auditor"},
+    ("POST", "/v1/clinics/{clinic}/calibrations"): {"admin"},
+    ("GET", "/v1/clinics/{clinic}/calibrations"): {"admin", "auditor"},
+    ("POST", "/v1/calibrations/{calibration_id}/approve"): {"admin", "auditor"},
+    ("POST", "/v1/calibrations/{calibration_id}/reject"): {"admin", "auditor"},
+    ("POST", "/v1/calibrations/{calibration_id}/rollback"): {"admin", "auditor"},
 }
 ROLES = ("uploader", "radiologist", "auditor", "admin")
 
@@ -52,6 +60,8 @@ def call(client: TestClient, method: str, path: str, headers: dict[str, str]):  
         path.replace("{case_id}", uuid.uuid4().hex)
         .replace("{prefix}", "0123456789ab")
         .replace("{appeal_id}", "987654")
+        .replace("{clinic}", "north")
+        .replace("{calibration_id}", "987654")
     )
     if (method, path) == ("POST", "/v1/studies"):
         return client.post(

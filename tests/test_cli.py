@@ -26,6 +26,7 @@ def triage_env(tmp_path: Path, database_url: str, bundle: Path, port: int = 0) -
         TRIAGE_MODEL_PATH=str(bundle),
         TRIAGE_PORT=str(port),
         TRIAGE_POLL_SECONDS="0.05",
+        TRIAGE_BLIND_SAMPLE_RATE="0",
     )
     return env
 

@@ -197,7 +197,7 @@ def test_export_reads_marks_ai_influence_and_holds_back_open_appeals(
         )
     out = tmp_path / "reads.csv"
     with transaction(factory) as session:
-        summary = export_reads(session, actor="test", out=out)
+        summary = export_reads(session, actor="test", out=out, include_ai_shown=True)
     rows = list(csv.DictReader(out.read_text().splitlines()))
     assert (summary.rows, summary.held_back_open_appeal) == (2, 1)  # 3 read cases, one under open appeal
     assert {r["label"] for r in rows} == {"normal", "pneumonia"}

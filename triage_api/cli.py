@@ -15,9 +15,12 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
 
 from audit.log import EventCode, record
 from models import cli as models_cli
@@ -26,6 +29,7 @@ from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
 from triage_api.errors import NotPermitted
 from triage_api.ingest import quiet_pydicom
 from triage_api.settings import SITE_CONFIG, ConfigFileError, Settings, load_config_file
+from triage_api.vocab import AiMode
 
 CREATES_SITE = frozenset({"serve", "migrate", "restore"})
 """Commands that may start from no database; the rest need the site's (see :func:`_require_site`)."""
@@ -212,6 +216,16 @@ def _users_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextmanager
+def _database(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    """The site's database for one command (checked by ``_require_site``), closed afterwards."""
+    engine = make_engine(settings.sqlalchemy_url)
+    try:
+        yield make_sessionmaker(engine)
+    finally:
+        engine.dispose()
+
+
 def _export_reads(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
@@ -219,8 +233,7 @@ def _export_reads(args: argparse.Namespace) -> int:
     from triage_api.tables import Clinic
 
     settings = Settings()
-    engine = make_engine(settings.sqlalchemy_url)
-    with transaction(make_sessionmaker(engine)) as session:
+    with _database(settings) as factory, transaction(factory) as session:
         clinic_ids = None
         if args.clinic:
             clinic_ids = set(session.execute(select(Clinic.id).where(Clinic.name.in_(args.clinic))).scalars())
@@ -228,13 +241,125 @@ def _export_reads(args: argparse.Namespace) -> int:
                 print("error: unknown clinic", file=sys.stderr)
                 return 2
         summary = export_reads(
-            session, actor="cli", out=Path(args.out), clinic_ids=clinic_ids, since=args.since
+            session,
+            actor="cli",
+            out=Path(args.out),
+            clinic_ids=clinic_ids,
+            since=args.since,
+            include_ai_shown=args.include_ai_shown,
         )
     print(
         f"{summary.rows} reads written to {args.out} ({summary.labels_made_with_ai_shown} made with the AI "
-        f"score shown); {summary.held_back_open_appeal} held back under an open appeal"
+        f"score shown); {summary.held_back_open_appeal} held back under an open appeal; "
+        f"{summary.excluded_ai_shown} left out because the AI score was shown"
     )
     return 0
+
+
+def _clinics_mode(args: argparse.Namespace) -> int:
+    from triage_api import golive
+    from triage_api.api.clinics import live_card
+    from triage_api.errors import TriageError
+
+    settings = Settings()
+    try:
+        with _database(settings) as factory, transaction(factory) as session:
+            clinic = golive.set_mode(
+                session,
+                actor="cli",
+                clinic_name=args.clinic,
+                mode=AiMode(args.mode),
+                reason=args.reason,
+                override_reason=args.override_reason,
+                card=live_card(settings),
+                settings=settings,
+                blind_sample_rate=args.blind_sample_rate,
+            )
+            rate = golive.blind_rate(clinic, settings)
+            print(f"{clinic.name}: AI {clinic.ai_mode}, AI-blind sample {rate:.1%}")
+    except TriageError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _validation(args: argparse.Namespace) -> int:
+    import json
+
+    from triage_api import golive
+    from triage_api.api.clinics import live_card
+    from triage_api.errors import TriageError
+
+    settings = Settings()
+    try:
+        with _database(settings) as factory, transaction(factory) as session:
+            clinic = golive.clinic_named(session, args.clinic)
+            if args.challenger:
+                report = golive.compare(
+                    session, clinic=clinic, card=live_card(settings), challenger_ref=args.challenger
+                )
+            else:
+                report = golive.validation(
+                    session, clinic=clinic, card=live_card(settings), model_ref=args.model
+                )
+            record(
+                session,
+                actor="cli",
+                action="clinic.comparison" if args.challenger else "clinic.validation",
+                code=EventCode.QUERY,
+                object_type="clinic",
+                object_id=str(clinic.id),
+                details={"n_reads": report["n_reads"]},
+            )
+    except TriageError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def _models_shadow(args: argparse.Namespace) -> int:
+    from datetime import UTC
+
+    from triage_api import golive
+    from triage_api.api.clinics import live_card
+    from triage_api.errors import TriageError
+
+    settings = Settings()
+    path = Path(args.model)
+    if not path.is_dir():
+        found = models_cli.bundle_dirs([models_cli.DEFAULT_BUNDLES, models_cli.LOCAL_BUNDLES])
+        path = next((p for p in found if _ref_of(p) == args.model), path)
+    try:
+        with _database(settings) as factory, transaction(factory) as session:
+            if args.stop:
+                stopped = golive.stop_challenger(
+                    session, actor="cli", clinic_name=args.clinic, model_ref=_ref_of(path) or args.model
+                )
+                print(f"challenger {stopped.model_ref} no longer scores {args.clinic}'s studies")
+                return 0
+            row = golive.add_challenger(
+                session,
+                actor="cli",
+                clinic_name=args.clinic,
+                bundle_path=path,
+                live=live_card(settings),
+                now=datetime.now(UTC),
+            )
+            print(f"challenger {row.model_ref} scores {args.clinic}'s studies in shadow (id {row.id})")
+    except TriageError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _ref_of(path: Path) -> str | None:
+    from models.bundle import BundleError, read_card
+
+    try:
+        return read_card(path).ref
+    except BundleError:
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,10 +436,44 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--since", type=datetime.fromisoformat, default=None, help="reads from (ISO time, with zone)"
     )
+    export.add_argument(
+        "--include-ai-shown",
+        action="store_true",
+        help="also export labels made with the AI score on screen (left out by default: feedback loops)",
+    )
     export.set_defaults(func=_export_reads)
+
+    clinics = commands.add_parser("clinics", help="clinic settings").add_subparsers(
+        dest="clinics_command", required=True
+    )
+    mode = clinics.add_parser("mode", help="set a clinic's AI mode: shadow, live or off (audited)")
+    mode.add_argument("clinic")
+    mode.add_argument("mode", choices=[m.value for m in AiMode])
+    mode.add_argument("--reason", required=True)
+    mode.add_argument("--override-reason", help="go live although the local validation is insufficient")
+    mode.add_argument(
+        "--blind-sample-rate", type=float, help="share of a live clinic's studies read AI-blind"
+    )
+    mode.set_defaults(func=_clinics_mode)
+
+    validation = commands.add_parser("validation", help="local validation of a clinic on its AI-blind reads")
+    validation.add_argument("clinic")
+    validation.add_argument("--model", help="name@version (default: the live model)")
+    validation.add_argument("--challenger", help="name@version: compare it with the live model (paired CI)")
+    validation.set_defaults(func=_validation)
 
     audit_cli.add_commands(commands)
     models_cli.add_commands(commands)
+    models = next(
+        action
+        for action in commands.choices["models"]._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    shadow = models.add_parser("shadow", help="score a clinic's studies with a challenger too, never shown")
+    shadow.add_argument("model", help="name@version of an imported bundle, or a bundle folder")
+    shadow.add_argument("--clinic", required=True)
+    shadow.add_argument("--stop", action="store_true", help="stop scoring with it (its scores are kept)")
+    shadow.set_defaults(func=_models_shadow)
     return parser
 
 

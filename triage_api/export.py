@@ -1,9 +1,11 @@
 """Export confirmed reads as a labelled dataset for retraining, with the feedback-loop marks.
 
 A model retrained on labels it influenced can run away with its own errors, so every
-label says whether the AI score was on screen when it was made. Cases under an appeal in
-progress are held back (their label may still change). Rows reference blobs by sha256;
-pixels are not exported until de-identification exists. The export is audited (110106).
+label says whether the AI score was on screen when it was made, and labels made with it
+on screen are left out unless asked for (the feedback-loop guard, :mod:`triage_api.golive`).
+Cases under an appeal in progress are held back (their label may still change). Rows
+reference blobs by sha256; pixels are not exported until de-identification exists. The
+export is audited (110106).
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class ExportSummary:
     rows: int
     held_back_open_appeal: int
     labels_made_with_ai_shown: int
+    """Exported rows whose label was made with the AI on screen (only with ``include_ai_shown``)."""
+    excluded_ai_shown: int
+    """Labels left out because the AI was on screen (0 with ``include_ai_shown``)."""
 
 
 def export_reads(
@@ -51,6 +56,7 @@ def export_reads(
     out: Path,
     clinic_ids: set[int] | None = None,
     since: datetime | None = None,
+    include_ai_shown: bool = False,
 ) -> ExportSummary:
     """Write the final read of every read case to ``out`` (CSV), atomically.
 
@@ -60,6 +66,7 @@ def export_reads(
         out: the CSV file to write.
         clinic_ids: only these clinics (None: all).
         since: only reads made at or after this time.
+        include_ai_shown: also export labels made with the AI score on screen.
 
     Returns:
         How many rows were written and how many cases were held back.
@@ -86,12 +93,15 @@ def export_reads(
             select(Read).where(Read.case_id.in_(ids)).order_by(Read.created_at, Read.id)
         ).scalars():
             final[read.case_id] = read
-    rows, shown = [], 0
+    rows, shown, excluded = [], 0, 0
     for case in cases:
         last = final.get(case.id)
         if case.id in pending or last is None or (since is not None and last.created_at < since):
             continue
         read = last
+        if read.ai_score_shown and not include_ai_shown:
+            excluded += 1
+            continue
         shown += read.ai_score_shown
         rows.append(
             (
@@ -113,7 +123,7 @@ def export_reads(
     writer.writerow(COLUMNS)
     writer.writerows(rows)
     write_atomically(out, table.getvalue().encode())
-    summary = ExportSummary(len(rows), len(pending), shown)
+    summary = ExportSummary(len(rows), len(pending), shown, excluded)
     record(
         session,
         actor=actor,
@@ -125,6 +135,7 @@ def export_reads(
             "rows": summary.rows,
             "held_back_open_appeal": summary.held_back_open_appeal,
             "ai_shown": summary.labels_made_with_ai_shown,
+            "excluded_ai_shown": summary.excluded_ai_shown,
             "clinics": sorted(clinic_ids) if clinic_ids is not None else "all",
         },
     )

@@ -31,6 +31,7 @@ from models.preprocess import (
     open_picture,
     to_input,
 )
+from triage_api import golive
 from triage_api.auth import Principal
 from triage_api.blobs import blob_path, read_blob, write_atomically
 from triage_api.cases import unblinded_case
@@ -165,8 +166,8 @@ def heatmap_case(session: Session, *, principal: Principal, case_id: str) -> Cas
         NotPermitted: the caller is this case's blinded appeal reader.
     """
     case = unblinded_case(session, principal, case_id)
-    if case.risk is None:
-        raise NotFound("the case has no AI result, so no heat map")
+    if not golive.shown_cases(session, [case]):
+        raise NotFound("the case has no AI result to show, so no heat map")
     record(
         session,
         actor=principal.actor,

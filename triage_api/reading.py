@@ -12,6 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from audit.log import EventCode, record
+from triage_api import golive
 from triage_api.auth import Principal, Role
 from triage_api.cases import unblinded_case
 from triage_api.errors import Conflict, InvalidRequest, NotFound, NotPermitted
@@ -87,7 +88,9 @@ def record_read(
     """Record the final (primary) read of a case.
 
     Disagreeing with the AI is an override and needs a reason code. A case without an AI
-    result (not analysed, failed, still queued) takes no agree/disagree.
+    result (not analysed, failed, still queued) takes no agree/disagree. Whether the AI was
+    shown is the server's to say where it withheld it (shadow mode, the AI-blind sample):
+    ``ai_score_shown`` is then recorded false whatever the client sent.
 
     Raises:
         InvalidRequest: agree/override fields inconsistent with the case (422).
@@ -98,7 +101,9 @@ def record_read(
         raise Conflict("the case is already read")
     if case.claimed_by not in (None, principal.user_id):
         raise Conflict("another reader has claimed this case")
-    if case.risk is None:
+    shown = bool(golive.shown_cases(session, [case]))
+    ai_score_shown = ai_score_shown and shown
+    if not shown:
         if agrees_with_ai is not None or override_reason is not None:
             raise InvalidRequest("the case has no AI result to agree or disagree with")
     elif agrees_with_ai is None:
@@ -117,8 +122,8 @@ def record_read(
         override_reason=override_reason,
         note=note,
         ai_score_shown=ai_score_shown,
-        ai_risk=case.risk,
-        model_ref=case.model_ref,
+        ai_risk=case.risk if shown else None,
+        model_ref=case.model_ref if shown else None,
         created_at=now,
     )
     session.add(read)

@@ -33,6 +33,7 @@ class PredictionRead(BaseModel):
     model_ref: str
     risk: float
     tier: Tier
+    calibration_id: int | None
     attempt: int
     inference_ms: float
     created_at: datetime
@@ -43,11 +44,15 @@ class WorklistItem(BaseModel):
     clinic_id: int
     status: CaseStatus
     reason: str | None
+    ai_shown: bool = Field(
+        description="Whether the AI result may be shown; false in shadow mode and for the AI-blind sample."
+    )
     risk: float | None
     tier: Tier
     deadline: datetime
     waited_seconds: float
     model_version: str | None
+    calibration_id: int | None = Field(description="The site calibration of the risk; null: the card's own.")
     claimed_by: int | None
     read_at: datetime | None
 
@@ -180,31 +185,38 @@ class BlindedCase(BaseModel):
     received_at: datetime
 
 
-def worklist_item(case: Case) -> WorklistItem:
+def worklist_item(case: Case, ai_shown: bool) -> WorklistItem:
+    """A case's row; its AI fields only when ``ai_shown`` (:func:`triage_api.golive.ai_shown`)."""
     return WorklistItem(
         id=case.id,
         clinic_id=case.clinic_id,
         status=case.status,
         reason=case.reason,
-        risk=case.risk,
+        ai_shown=ai_shown,
+        risk=case.risk if ai_shown else None,
         tier=case.tier,
         deadline=case.deadline,
         waited_seconds=round((datetime.now(UTC) - case.received_at).total_seconds(), 3),
-        model_version=case.model_ref,
+        model_version=case.model_ref if ai_shown else None,
+        calibration_id=case.calibration_id if ai_shown else None,
         claimed_by=case.claimed_by,
         read_at=case.read_at,
     )
 
 
-def case_read(case: Case, prediction: Prediction | None, read: Read | None) -> CaseRead:
+def case_read(case: Case, prediction: Prediction | None, read: Read | None, ai_shown: bool) -> CaseRead:
     return CaseRead(
-        **worklist_item(case).model_dump(),
+        **worklist_item(case, ai_shown).model_dump(),
         media_type=case.media_type,
         modality=case.modality,
         body_part=case.body_part,
         view_position=case.view_position,
         age_band=case.age_band,
         received_at=case.received_at,
-        prediction=PredictionRead.model_validate(prediction, from_attributes=True) if prediction else None,
+        prediction=(
+            PredictionRead.model_validate(prediction, from_attributes=True)
+            if prediction is not None and ai_shown
+            else None
+        ),
         read=ReadOut.model_validate(read, from_attributes=True) if read else None,
     )

@@ -118,6 +118,10 @@ class Settings(BaseSettings):
     sla_elevated_minutes: float = Field(240, gt=0)
     sla_routine_minutes: float = Field(1440, gt=0)
 
+    blind_sample_rate: float = Field(0.05, ge=0, le=1)
+    """The AI-blind sample of a live clinic that has not set its own: the share of its studies
+    scored but read without the AI, so that monitoring never runs only on AI-influenced labels."""
+
     appeal_due_hours: float = Field(72, gt=0)
 
     monitor_interval_seconds: float = Field(900, gt=0)

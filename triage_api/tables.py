@@ -20,9 +20,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 from triage_api.vocab import (
+    AiMode,
     AppealCategory,
     AppealOutcome,
     AppealStatus,
+    CalibrationStatus,
     CaseStatus,
     Finding,
     JobStatus,
@@ -60,6 +62,11 @@ class Clinic(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    ai_mode: Mapped[AiMode] = mapped_column(String(10), default=AiMode.LIVE, server_default="live")
+    """``live`` by default, so that a deployed clinic keeps today's behaviour (:mod:`triage_api.golive`)."""
+    blind_sample_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """In ``live``: the share of studies scored but read without the AI (the feedback-loop guard);
+    None: the site's ``Settings.blind_sample_rate``."""
 
 
 class User(Base):
@@ -155,6 +162,10 @@ class Case(Base):
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     read_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     """When the primary read was recorded; None while unread."""
+    ai_hidden: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    """Scored with the AI withheld (shadow mode or the AI-blind sample): its reads are AI-blind."""
+    calibration_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """The site calibration the shown risk was computed under; None: the model card's own."""
 
 
 class Job(Base):
@@ -185,6 +196,11 @@ class Prediction(Base):
     tier: Mapped[Tier] = mapped_column(String(20))
     inference_ms: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    logit: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """Log-odds of the model card's probability, before any site calibration: a calibration
+    applies to it later without running the network again."""
+    calibration_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    ai_hidden: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
 
 
 class Read(Base):
@@ -296,3 +312,62 @@ class OutboxItem(Base):
     last_error: Mapped[str | None] = mapped_column(String(200), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class Calibration(Base):
+    """A site calibration of one model version for one clinic: proposed, then decided by another person.
+
+    ``risk = sigmoid((logit + bias) / temperature)`` on :attr:`Prediction.logit`, and tiers by
+    ``critical``/``elevated``. A row with ``challenger_id`` set proposes promoting that
+    challenger (with this calibration) instead.
+    """
+
+    __tablename__ = "calibrations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    clinic_id: Mapped[int] = mapped_column(ForeignKey("clinics.id"), index=True)
+    model_ref: Mapped[str] = mapped_column(String(100))
+    temperature: Mapped[float] = mapped_column(Float)
+    bias: Mapped[float] = mapped_column(Float)
+    critical: Mapped[float] = mapped_column(Float)
+    elevated: Mapped[float] = mapped_column(Float)
+    report: Mapped[str] = mapped_column(Text)
+    """JSON: the targets, counts and the cross-validated before/after metrics (no PHI)."""
+    status: Mapped[CalibrationStatus] = mapped_column(String(20), index=True)
+    proposed_by: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    proposed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    decided_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    decision_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    previous_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """The calibration in force when this one was approved: what a rollback returns to."""
+    challenger_id: Mapped[int | None] = mapped_column(ForeignKey("challengers.id"), nullable=True)
+
+
+class Challenger(Base):
+    """A second model version scoring a clinic's studies in shadow, next to the live one."""
+
+    __tablename__ = "challengers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    clinic_id: Mapped[int] = mapped_column(ForeignKey("clinics.id"), index=True)
+    model_ref: Mapped[str] = mapped_column(String(100))
+    bundle_path: Mapped[str] = mapped_column(String(500))
+    active: Mapped[bool] = mapped_column(Boolean)
+    created_by: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class ChallengerScore(Base):
+    """A challenger's score of one case: stored, never shown to a reader."""
+
+    __tablename__ = "challenger_scores"
+    __table_args__ = (UniqueConstraint("case_id", "challenger_id", name="uq_challenger_scores_case"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[str] = mapped_column(ForeignKey("cases.id"), index=True)
+    challenger_id: Mapped[int] = mapped_column(ForeignKey("challengers.id"), index=True)
+    model_ref: Mapped[str] = mapped_column(String(100))
+    risk: Mapped[float] = mapped_column(Float)
+    logit: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)

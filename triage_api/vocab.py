@@ -94,3 +94,26 @@ class AppealOutcome(StrEnum):
     UPHELD = "upheld"
     OVERTURNED = "overturned"
     PARTIALLY = "partially"
+
+
+class AiMode(StrEnum):
+    """What a clinic's readers get from the AI (:mod:`triage_api.golive`)."""
+
+    LIVE = "live"
+    """Scored, shown, and the score sets the tier (except the AI-blind sample)."""
+    SHADOW = "shadow"
+    """Scored and stored, never shown; the worklist keeps its non-AI order."""
+    OFF = "off"
+    """Not scored: the case is ``not_analyzed`` with the reason "ai off"."""
+
+
+class CalibrationStatus(StrEnum):
+    """A site calibration (or model promotion) on its way through the two-person rule."""
+
+    PROPOSED = "proposed"
+    APPROVED = "approved"
+    """The one in force for its clinic and model version."""
+    REJECTED = "rejected"
+    SUPERSEDED = "superseded"
+    """Was in force until a later one was approved."""
+    ROLLED_BACK = "rolled_back"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -23,19 +24,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.special import expit
+from scipy.special import logit as log_odds_of
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from audit.log import Outcome
 from models.bundle import Bundle, load_bundle
-from triage_api import jobs
+from triage_api import golive, jobs
 from triage_api.blobs import blob_path
 from triage_api.decoding import Decoded, DecodePool, DecodeTask, Gate, decode_study
 from triage_api.ingest import DICOM
 from triage_api.jobs import Claim, batch_bucket
 from triage_api.priority import rescored_deadline, tier_of
 from triage_api.settings import Settings
-from triage_api.tables import Prediction
-from triage_api.vocab import CaseStatus
+from triage_api.tables import Case, Challenger, ChallengerScore, Clinic, Prediction
+from triage_api.vocab import AiMode, CaseStatus
 
 log = logging.getLogger("triage.worker")
 
@@ -45,7 +49,17 @@ class Result:
     status: CaseStatus  # scored | not_analyzed | failed
     reason: str | None = None
     risk: float | None = None
+    """The model card's probability."""
     inference_ms: float | None = None
+    logit: float | None = None
+    """Log-odds of ``risk`` (:func:`triage_api.golive.log_odds`); derived from ``risk`` if None."""
+    challengers: tuple[tuple[int, str, float], ...] = ()
+    """``(challenger id, model ref, log-odds)`` of each active challenger on this study."""
+
+    def log_odds(self) -> float:
+        if self.logit is not None:
+            return self.logit
+        return float(log_odds_of(min(max(self.risk or 0.0, 1e-12), 1 - 1e-12)))
 
 
 @dataclass(frozen=True)
@@ -95,6 +109,7 @@ class Worker:
         settings: Settings,
         bundle: Bundle,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        rng: random.Random | None = None,
     ) -> None:
         self.factory = factory
         self.settings = settings
@@ -112,6 +127,27 @@ class Worker:
         """Decode processes; None decodes in this thread. :meth:`run` opens one when
         ``settings.decode_workers`` > 0 and closes it when it stops."""
         self._ahead: _Ahead | None = None
+        self.rng = rng or random.SystemRandom()
+        """Draws the AI-blind sample (:func:`triage_api.golive.withhold_ai`); tests pass a seeded one."""
+        self._challengers: dict[str, Bundle] = {}
+        """Challenger bundles by folder, loaded on first use."""
+
+    def challengers(self) -> list[tuple[int, str, Bundle]]:
+        """The active challengers ``(id, model ref, bundle)``; one that cannot be loaded is skipped."""
+        with self.factory() as session:
+            rows = session.execute(select(Challenger).where(Challenger.active.is_(True))).scalars().all()
+        loaded = []
+        for row in rows:
+            if row.bundle_path not in self._challengers:
+                try:
+                    self._challengers[row.bundle_path] = load_bundle(
+                        Path(row.bundle_path), self.settings.device
+                    )
+                except Exception as exc:
+                    log.error("challenger %s cannot be loaded (%s)", row.id, type(exc).__name__)
+                    continue
+            loaded.append((row.id, row.model_ref, self._challengers[row.bundle_path]))
+        return loaded
 
     def claim(self, limit: int = 1) -> list[Claim]:
         """Take up to ``limit`` jobs under this worker's lease (see :func:`triage_api.jobs.claim`)."""
@@ -135,7 +171,12 @@ class Worker:
         return claims
 
     def decode(self, claims: list[Claim]) -> list[Decoded]:
-        """Decode and gate claimed studies: in :attr:`pool` if there is one, else in this thread."""
+        """Decode and gate claimed studies: in :attr:`pool` if there is one, else in this thread.
+
+        A study of a clinic whose AI is ``off`` is not decoded (nor scored): it is
+        ``not_analyzed`` with :data:`~triage_api.golive.AI_OFF_REASON`.
+        """
+        off = self._ai_off(claims)
         tasks = [
             DecodeTask(
                 str(blob_path(self.settings.blob_dir, claim.sha256)),
@@ -144,15 +185,29 @@ class Worker:
                 self.settings.max_decoded_bytes,
             )
             for claim in claims
+            if claim.case_id not in off
         ]
-        if self.pool is not None:
-            return self.pool.map(tasks)
-        return [decode_study(task) for task in tasks]
+        done = iter(self.pool.map(tasks) if self.pool is not None else [decode_study(task) for task in tasks])
+        skipped = Decoded("not_analyzed", reason=golive.AI_OFF_REASON)
+        return [skipped if claim.case_id in off else next(done) for claim in claims]
+
+    def _ai_off(self, claims: list[Claim]) -> set[str]:
+        """The claimed cases whose clinic's AI is ``off``."""
+        if not claims:
+            return set()
+        with self.factory() as session:
+            rows = session.execute(
+                select(Case.id)
+                .join(Clinic, Clinic.id == Case.clinic_id)
+                .where(Case.id.in_([c.case_id for c in claims]), Clinic.ai_mode == AiMode.OFF)
+            ).scalars()
+            return set(rows)
 
     def forward(self, decoded: list[Decoded]) -> list[Result]:
         """Score the decoded studies with one forward pass; the others keep their reason.
 
-        ``inference_ms`` is the batch's forward time divided by the studies in it.
+        Active challengers score the same batch right after the live model (their time is
+        not in ``inference_ms``, the live model's forward time divided by the studies).
         """
         results = [
             Result(
@@ -162,11 +217,27 @@ class Worker:
         ]
         scored = [(index, d.pixels) for index, d in enumerate(decoded) if d.pixels is not None]
         if scored:
+            batch = np.stack([pixels for _, pixels in scored])
+            card = self.bundle.card
             start = time.perf_counter()
-            risks = self.bundle.predict(np.stack([pixels for _, pixels in scored]))
+            logits = golive.log_odds(self.bundle.logits(batch).numpy(), card.temperature, card.positive_index)
             per_study_ms = (time.perf_counter() - start) * 1000 / len(scored)
-            for (index, _), risk in zip(scored, risks, strict=True):
-                results[index] = Result(CaseStatus.SCORED, risk=float(risk), inference_ms=per_study_ms)
+            others = [
+                (
+                    cid,
+                    ref,
+                    golive.log_odds(b.logits(batch).numpy(), b.card.temperature, b.card.positive_index),
+                )
+                for cid, ref, b in self.challengers()
+            ]
+            for row, ((index, _), logit) in enumerate(zip(scored, logits, strict=True)):
+                results[index] = Result(
+                    CaseStatus.SCORED,
+                    risk=float(expit(logit)),
+                    inference_ms=per_study_ms,
+                    logit=float(logit),
+                    challengers=tuple((cid, ref, float(values[row])) for cid, ref, values in others),
+                )
         return results
 
     def score(self, claims: list[Claim]) -> list[Result]:
@@ -176,37 +247,107 @@ class Worker:
     def finish(self, claims: list[Claim], results: list[Result]) -> int:
         """Write results, in one transaction, for the attempts this worker still holds.
 
+        Each clinic's AI mode decides here: ``off`` stores no score; ``shadow``, and the
+        AI-blind sample of ``live``, store the prediction marked hidden and leave the case's
+        risk, tier, model and deadline as they were (:mod:`triage_api.golive`). A shown
+        score is computed under the clinic's calibration in force.
+
         Returns:
             How many were written; a claim whose lease was lost to another worker is skipped.
         """
         card = self.bundle.card
         by_claim = dict(zip(claims, results, strict=True))
         with jobs.finishing(self.factory, claims, worker=self.name) as (session, held):
+            clinic_ids = {case.clinic_id for _, case in held}
+            clinics = {
+                c.id: c for c in session.execute(select(Clinic).where(Clinic.id.in_(clinic_ids))).scalars()
+            }
+            scorings = {cid: golive.scoring_for(golive.in_force(session, cid), card) for cid in clinic_ids}
+            challengers: dict[int, set[int]] = {cid: set() for cid in clinic_ids}
+            for challenger_id, clinic_id in session.execute(
+                select(Challenger.id, Challenger.clinic_id).where(
+                    Challenger.clinic_id.in_(clinic_ids), Challenger.active.is_(True)
+                )
+            ).all():
+                challengers[clinic_id].add(challenger_id)
             for claim, case in held:
-                result = by_claim[claim]
+                clinic, result = clinics[case.clinic_id], by_claim[claim]
+                mode = AiMode(clinic.ai_mode)
+                if mode is AiMode.OFF and result.status == CaseStatus.SCORED:
+                    result = Result(CaseStatus.NOT_ANALYZED, reason=golive.AI_OFF_REASON)
                 case.status, case.reason = result.status, result.reason
                 details: dict[str, object] = {"attempt": claim.attempt, "status": result.status}
                 if result.status == CaseStatus.SCORED and result.risk is not None:
-                    tier = tier_of(result.risk, card.thresholds)
-                    session.add(
-                        Prediction(
-                            case_id=case.id,
-                            attempt=claim.attempt,
-                            model_ref=card.ref,
-                            risk=result.risk,
-                            tier=tier,
-                            inference_ms=result.inference_ms or 0.0,
-                            created_at=self.clock(),
-                        )
+                    scoring = scorings[case.clinic_id]
+                    stored = self._store(
+                        session, claim, case, result, scoring, clinic, challengers[clinic.id]
                     )
-                    case.risk, case.tier, case.model_ref = result.risk, tier, card.ref
-                    case.deadline = rescored_deadline(case.deadline, case.received_at, tier, self.settings)
-                    details.update(risk=round(result.risk, 6), tier=tier, model=card.ref)
+                    details.update(stored)
                 else:
                     details["reason"] = result.reason
                 outcome = Outcome.SUCCESS if result.status != CaseStatus.FAILED else Outcome.MINOR_FAILURE
                 jobs.audit_scoring(session, self.name, case, f"study.score.{result.status}", outcome, details)
             return len(held)
+
+    def _store(
+        self,
+        session: Session,
+        claim: Claim,
+        case: Case,
+        result: Result,
+        scoring: golive.Scoring,
+        clinic: Clinic,
+        challenger_ids: set[int],
+    ) -> dict[str, object]:
+        """The prediction (and challenger scores) of a scored case; the case itself only if shown."""
+        card = self.bundle.card
+        logit = result.log_odds()
+        promoted = {cid: value for cid, _, value in result.challengers}.get(scoring.challenger_id or -1)
+        if scoring.challenger_id is not None:
+            if promoted is None:  # the promoted challenger did not score: the live model, uncalibrated
+                scoring = golive.scoring_for(None, card)
+            else:
+                logit = promoted
+        risk = scoring.risk(logit)
+        tier = tier_of(risk, scoring.thresholds)
+        mode = AiMode(clinic.ai_mode)
+        hidden = golive.withhold_ai(mode, golive.blind_rate(clinic, self.settings), self.rng)
+        session.add(
+            Prediction(
+                case_id=case.id,
+                attempt=claim.attempt,
+                model_ref=scoring.model_ref,
+                risk=risk,
+                tier=tier,
+                inference_ms=result.inference_ms or 0.0,
+                created_at=self.clock(),
+                logit=logit,
+                calibration_id=scoring.calibration_id,
+                ai_hidden=hidden,
+            )
+        )
+        for challenger_id, ref, value in result.challengers:
+            if challenger_id in challenger_ids:
+                session.add(
+                    ChallengerScore(
+                        case_id=case.id,
+                        challenger_id=challenger_id,
+                        model_ref=ref,
+                        risk=float(expit(value)),
+                        logit=value,
+                        created_at=self.clock(),
+                    )
+                )
+        details: dict[str, object] = {"model": scoring.model_ref, "calibration": scoring.calibration_id}
+        if hidden:  # the score stays in its prediction row, out of every log
+            case.ai_hidden = True
+            details["ai_withheld"] = "shadow" if mode is AiMode.SHADOW else "blind_sample"
+            return details
+        details.update(risk=round(risk, 6), tier=tier)
+        case.risk, case.tier, case.model_ref = risk, tier, scoring.model_ref
+        case.calibration_id = scoring.calibration_id
+        case.deadline = rescored_deadline(case.deadline, case.received_at, tier, self.settings)
+        return details
 
     def run_once(self) -> bool:
         """Claim, score and finish one batch; False when there was nothing to do."""

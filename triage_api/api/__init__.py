@@ -13,13 +13,25 @@ errors, mapped to HTTP in :mod:`triage_api.errors`) and shape the response. The 
 - :mod:`.audit`: the audit log, scoped by role
 - :mod:`.monitoring`: model performance metrics
 - :mod:`.health`: liveness, health and Prometheus metrics
+- :mod:`.clinics`: a clinic's AI mode, local validation, site calibrations, challengers
 """
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
-from triage_api.api import appeals, audit, health, images, monitoring, reads, studies, users, worklist
+from triage_api.api import (
+    appeals,
+    audit,
+    clinics,
+    health,
+    images,
+    monitoring,
+    reads,
+    studies,
+    users,
+    worklist,
+)
 
 ROUTERS: tuple[APIRouter, ...] = (
     health.router,
@@ -31,5 +43,6 @@ ROUTERS: tuple[APIRouter, ...] = (
     monitoring.router,
     audit.router,
     images.router,
+    clinics.router,
 )
 """Every REST router, in the order their routes are matched."""

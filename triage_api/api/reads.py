@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from triage_api import imaging, reading
+from triage_api import golive, imaging, reading
 from triage_api.auth import Principal, Role
 from triage_api.blobs import read_blob
 from triage_api.db import transaction
@@ -56,7 +56,7 @@ def reprioritise(
         case = reading.reprioritise(
             session, principal=principal, case_id=case_id, settings=runtime.settings, **body.model_dump()
         )
-        return worklist_item(case)
+        return worklist_item(case, bool(golive.shown_cases(session, [case])))
 
 
 @router.get("/v1/studies/{case_id}/image", response_class=Response)

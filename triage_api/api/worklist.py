@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from triage_api import cases
+from triage_api import cases, golive
 from triage_api.db import transaction
 from triage_api.deps import Reader, RuntimeDep
 from triage_api.schemas import WorklistItem, worklist_item
@@ -36,4 +36,5 @@ def get_worklist(
             limit=limit,
             offset=offset,
         )
-        return [worklist_item(case) for case in rows]
+        shown = golive.shown_cases(session, rows)
+        return [worklist_item(case, case.id in shown) for case in rows]

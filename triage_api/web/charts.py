@@ -568,6 +568,23 @@ def calibration_svg(metrics: Mapping[str, Any]) -> str:
     )
 
 
+def validation_svg(report: Mapping[str, Any]) -> str:
+    """Reliability diagram of a clinic's local validation (:func:`triage_api.golive.validation`)."""
+    calibration = _get(report, "card", "calibration") or {}
+    bins = [
+        ReliabilityBin(
+            low=_num(b.get("low")),
+            high=_num(b.get("high")),
+            n=int(b.get("n") or 0),
+            mean_risk=_num(b.get("mean_risk")),
+            observed_rate=_num(b.get("observed_rate")),
+        )
+        for b in calibration.get("bins") or []
+    ]
+    title = f"Calibration of {report.get('model_ref')} at {report.get('clinic')}, AI-blind reads"
+    return reliability_svg(bins, ece=calibration.get("ece"), title=title)
+
+
 def override_reasons_svg(metrics: Mapping[str, Any]) -> str:
     """Override rate by reason: overrides for that reason / primary reads that had an AI opinion."""
     overrides = metrics.get("overrides") or {}

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from audit.log import AuditEvent
 from audit.query import search
 from models.bundle import BundleError, ModelCard, read_card
-from triage_api import appeals, cases, imaging, monitoring, oversight, reading
+from triage_api import appeals, cases, golive, imaging, monitoring, oversight, reading
 from triage_api.api.audit import visible_to
 from triage_api.auth import Principal, Role
 from triage_api.db import transaction
@@ -343,18 +343,21 @@ def worklist_json(
         )
         clinics = _names(session, Clinic, {c.clinic_id for c in rows})
         readers = _names(session, User, {c.claimed_by for c in rows if c.claimed_by is not None})
+        visible = golive.shown_cases(session, rows)
         items = [
             {
                 "id": c.id,
                 "clinic": clinics.get(c.clinic_id, str(c.clinic_id)),
                 "status": c.status,
                 "tier": c.tier,
-                "risk": c.risk,
+                "ai_shown": c.id in visible,
+                "risk": c.risk if c.id in visible else None,
                 "deadline": c.deadline.isoformat(),
                 "received_at": c.received_at.isoformat(),
                 "claimed_by": readers.get(c.claimed_by) if c.claimed_by is not None else None,
                 "claimed_by_me": c.claimed_by == user.principal.user_id,
-                "model_version": c.model_ref,
+                "model_version": c.model_ref if c.id in visible else None,
+                "calibration_id": c.calibration_id if c.id in visible else None,
             }
             for c in rows
         ]
@@ -382,8 +385,10 @@ def case_page(request: Request, runtime: RuntimeDep, user: ReaderPage, case_id: 
     """The case viewer: picture, heat map, AI result with its model card, and the read."""
     with transaction(runtime.factory) as session:
         case, prediction = cases.read_case(session, principal=user.principal, case_id=case_id)
+        ai = bool(golive.shown_cases(session, [case]))
         first = reading.primary_read(session, case.id)
-        clinic = session.get_one(Clinic, case.clinic_id).name
+        clinic_row = session.get_one(Clinic, case.clinic_id)
+        clinic, ai_mode = clinic_row.name, clinic_row.ai_mode
         people = _names(session, User, {i for i in (case.claimed_by, first and first.reader_id) if i})
     claimed_by = people.get(case.claimed_by) if case.claimed_by else None
     reader = people.get(first.reader_id) if first else None
@@ -392,12 +397,14 @@ def case_page(request: Request, runtime: RuntimeDep, user: ReaderPage, case_id: 
         "case.html",
         user,
         case=case,
-        prediction=prediction,
+        ai=ai,
+        ai_mode=ai_mode,
+        prediction=prediction if ai else None,
         first=first,
         reader=reader,
         clinic=clinic,
         claimed_by=claimed_by,
-        card=_card(runtime, case.model_ref),
+        card=_card(runtime, case.model_ref) if ai else None,
         findings=list(Finding),
         reasons=list(OverrideReason),
         priority_reasons=list(PriorityReason),
@@ -603,6 +610,16 @@ def file_appeal(
 # --- auditor ---------------------------------------------------------------------------------
 
 
+def _local_validation(session: Session, runtime: Runtime, clinic_ids: frozenset[int]) -> list[dict[str, Any]]:
+    """Each clinic's local validation of the live model, with its reliability diagram."""
+    card = _card(runtime, None)
+    if card is None:
+        return []
+    clinics = session.execute(select(Clinic).where(Clinic.id.in_(clinic_ids)).order_by(Clinic.name)).scalars()
+    reports = [golive.validation(session, clinic=clinic, card=card) for clinic in clinics]
+    return [{"report": report, "svg": charts.validation_svg(report)} for report in reports]
+
+
 @router.get("/web/audit", response_class=HTMLResponse)
 def audit_desk(
     request: Request,
@@ -631,10 +648,12 @@ def audit_desk(
         )
         listed = appeals.list_appeals(session, principal=user.principal)
         second = {a.id: appeals.second_read(session, a) for a in listed}
+        local = _local_validation(session, runtime, user.principal.clinic_ids)
     return _page(
         request,
         "audit.html",
         user,
+        local=local,
         overrides=rows,
         readers=all_readers,
         models=models,

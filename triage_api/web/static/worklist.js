@@ -22,6 +22,7 @@
       var t = cell(tr, ""), badge = document.createElement("span");
       badge.className = "tier tier-" + it.tier; badge.textContent = it.tier; t.appendChild(badge);
       cell(tr, it.risk === null ? "—" : (it.risk * 100).toFixed(1) + "%");
+      cell(tr, it.model_version === null ? "—" : it.model_version + (it.calibration_id === null ? "" : " · cal #" + it.calibration_id));
       cell(tr, l.text, "left");
       cell(tr, it.status.replace("_", " "));
       cell(tr, it.clinic);
@@ -33,7 +34,7 @@
       rows.appendChild(tr);
     });
     body.replaceChildren(rows);
-    if (!items.length) { var tr = document.createElement("tr"); cell(tr, "Nothing to read.").colSpan = 7; body.appendChild(tr); }
+    if (!items.length) { var tr = document.createElement("tr"); cell(tr, "Nothing to read.").colSpan = 8; body.appendChild(tr); }
   }
   function query() {
     var p = new URLSearchParams();

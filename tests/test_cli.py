@@ -87,7 +87,9 @@ def start_server(env: dict[str, str]) -> subprocess.Popen[str]:
     )
 
 
-def read_until(process: subprocess.Popen[str], marker: str, timeout: float = 90) -> list[str]:
+def read_until(process: subprocess.Popen[str], marker: str, timeout: float = 300) -> list[str]:
+    """Lines up to ``marker``. The bound is generous: on a loaded 2-core machine the first
+    line alone (imports) was seen to take over 90 s."""
     assert process.stdout is not None
     lines: list[str] = []
     deadline = time.monotonic() + timeout

@@ -37,10 +37,13 @@ from triage_api import (
     reading,
     reading_views,
 )
+from triage_api.api import dicomweb
 from triage_api.auth import Role
 from triage_api.blobs import write_atomically
 from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
 from triage_api.deps import Admin, Reader, Runtime, RuntimeDep, Uploader
+from triage_api.dicom import sr
+from triage_api.dicom.listener import StorageListener
 from triage_api.errors import Conflict, NotFound, error_body, install_handlers
 from triage_api.ratelimit import ClinicRateLimiter
 from triage_api.schemas import (
@@ -148,7 +151,7 @@ def _monitor(factory: sessionmaker[Session], settings: Settings) -> None:
 
 def outbox_senders(settings: Settings) -> dict[str, outbox.Sender]:
     """The sender of each outbox kind this site delivers (DICOM SR, webhooks)."""
-    senders: dict[str, outbox.Sender] = {}
+    senders: dict[str, outbox.Sender] = {sr.KIND: sr.sender(settings)}
     return senders
 
 
@@ -214,9 +217,18 @@ def create_app(settings: Settings) -> FastAPI:
             )
         for thread in threads:
             thread.start()
+        listener = None
+        if settings.dicom_port is not None:
+            runtime = app.state.runtime
+            listener = StorageListener(
+                factory, reads=runtime.reads, settings=settings, pseudonym_key=runtime.pseudonym_key
+            )
+            listener.start(settings.host, settings.dicom_port)
         try:
             yield
         finally:
+            if listener is not None:
+                listener.stop()
             stop.set()
             for thread in threads:
                 thread.join(timeout=30)
@@ -239,6 +251,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health_views.router)
     app.include_router(audit_views.router)
     app.include_router(imaging_views.router)
+    app.include_router(dicomweb.router)
     web_views.install(app)
     return app
 

@@ -30,6 +30,7 @@ from models.bundle import Bundle, load_bundle
 from triage_api import jobs
 from triage_api.blobs import blob_path
 from triage_api.decoding import Decoded, DecodePool, DecodeTask, Gate, decode_study
+from triage_api.dicom import sr
 from triage_api.ingest import DICOM
 from triage_api.jobs import Claim
 from triage_api.priority import rescored_deadline, tier_of
@@ -207,6 +208,7 @@ class Worker:
                     case.risk, case.tier, case.model_ref = result.risk, tier, card.ref
                     case.deadline = rescored_deadline(case.deadline, case.received_at, tier, self.settings)
                     details.update(risk=round(result.risk, 6), tier=tier, model=card.ref)
+                    sr.enqueue_result(session, case=case, attempt=claim.attempt, card=card, now=self.clock())
                 else:
                     details["reason"] = result.reason
                 outcome = Outcome.SUCCESS if result.status != CaseStatus.FAILED else Outcome.MINOR_FAILURE

@@ -230,7 +230,7 @@ class StorageListener:
     def _on_echo(self, _event: evt.Event) -> int:
         return STATUS_SUCCESS
 
-    def _on_store(self, event: evt.Event) -> tuple[int, Dataset] | int:
+    def _on_store(self, event: evt.Event) -> Dataset | int:
         with self._lock:
             caller = self._callers.get(event.assoc)
         if caller is None:  # cannot happen after _on_requested; refuse rather than guess a clinic
@@ -250,13 +250,13 @@ class StorageListener:
         except TriageError as error:
             status = failure_status(error)
             self._audit_instance(caller, "dicom.store.refused", Outcome.MINOR_FAILURE, status, error.message)
-            return status, _status_comment(status, error.message)
+            return _status_comment(status, error.message)
         except Exception as exc:  # the listener keeps serving; the type only (messages may hold PHI)
             log.error("C-STORE failed (%s)", type(exc).__name__)
             self._audit_instance(
                 caller, "dicom.store.failed", Outcome.SERIOUS_FAILURE, STATUS_PROCESSING_FAILURE, None
             )
-            return STATUS_PROCESSING_FAILURE, _status_comment(STATUS_PROCESSING_FAILURE, "processing failure")
+            return _status_comment(STATUS_PROCESSING_FAILURE, "processing failure")
         if not created:
             self._audit_instance(
                 caller, "dicom.store.duplicate", Outcome.SUCCESS, STATUS_SUCCESS, None, case.id

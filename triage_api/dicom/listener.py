@@ -50,9 +50,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from audit.log import EventCode, Outcome, record
 from triage_api import ingest
-from triage_api.auth import Principal, Role
+from triage_api.auth import Principal
 from triage_api.db import transaction
-from triage_api.dicom.peers import find_peer
+from triage_api.dicom.peers import find_peer, peer_principal
 from triage_api.errors import InvalidStudy, TriageError
 from triage_api.settings import Settings
 
@@ -157,6 +157,7 @@ class StorageListener:
 
     def start(self, host: str, port: int) -> int:
         """Listen on ``host``:``port`` in background threads; returns the bound port (0 picks one)."""
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO/DEBUG lines describe datasets
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -193,15 +194,17 @@ class StorageListener:
         assoc = event.assoc
         calling = assoc.requestor.primitive.calling_ae_title.strip()  # type: ignore[union-attr]
         address = str(assoc.requestor.address)
-        with self.reads() as session:
-            peer = find_peer(session, ae=calling, host=address)
-            caller = (
-                None
-                if peer is None
-                else _Caller(
-                    Principal(peer.user_id, Role.UPLOADER, frozenset({peer.clinic_id})), calling, address
-                )
-            )
+        try:
+            with self.reads() as session:
+                peer = find_peer(session, ae=calling, host=address)
+        except Exception as exc:  # no database: refuse for now, the sender retries later
+            log.error("peer lookup failed (%s)", type(exc).__name__)
+            # Rejected transient, by the service user, no reason given.
+            assoc.acse.send_reject(0x02, 0x01, 0x01)
+            assoc.is_rejected = True
+            assoc.kill()
+            return
+        caller = None if peer is None else _Caller(peer_principal(peer), calling, address)
         details: dict[str, Any] = {"ae_title": calling[:16], "address": address}
         if caller is None:
             self._audit(

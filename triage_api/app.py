@@ -26,6 +26,8 @@ from triage_api.auth import Role
 from triage_api.blobs import write_atomically
 from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
 from triage_api.deps import Runtime
+from triage_api.dicom import sr
+from triage_api.dicom.listener import StorageListener
 from triage_api.errors import error_body, install_handlers
 from triage_api.ratelimit import ClinicRateLimiter
 from triage_api.settings import Settings
@@ -122,7 +124,7 @@ def _monitor(factory: sessionmaker[Session], settings: Settings) -> None:
 
 def outbox_senders(settings: Settings) -> dict[str, outbox.Sender]:
     """The sender of each outbox kind this site delivers (DICOM SR, webhooks)."""
-    senders: dict[str, outbox.Sender] = {}
+    senders: dict[str, outbox.Sender] = {sr.KIND: sr.sender(settings)}
     return senders
 
 
@@ -188,9 +190,18 @@ def create_app(settings: Settings) -> FastAPI:
             )
         for thread in threads:
             thread.start()
+        listener = None
+        if settings.dicom_port is not None:
+            runtime = app.state.runtime
+            listener = StorageListener(
+                factory, reads=runtime.reads, settings=settings, pseudonym_key=runtime.pseudonym_key
+            )
+            listener.start(settings.host, settings.dicom_port)
         try:
             yield
         finally:
+            if listener is not None:
+                listener.stop()
             stop.set()
             for thread in threads:
                 thread.join(timeout=30)

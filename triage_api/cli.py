@@ -17,7 +17,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -362,6 +362,67 @@ def _ref_of(path: Path) -> str | None:
         return None
 
 
+def _dicom_listener(args: argparse.Namespace) -> int:
+    from triage_api.app import read_or_create_secret
+    from triage_api.dicom.listener import StorageListener
+
+    quiet_pydicom()
+    overrides = {"host": args.host, "dicom_port": args.port}
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    engine = make_engine(settings.sqlalchemy_url)
+    factory = make_sessionmaker(engine)
+    listener = StorageListener(
+        factory,
+        reads=factory,
+        settings=settings,
+        pseudonym_key=read_or_create_secret(settings.secret_dir / "pseudonym.key"),
+    )
+    port = listener.start(settings.host, settings.dicom_port if settings.dicom_port is not None else 11112)
+    print(f"DICOM listener {settings.dicom_ae_title} on {settings.host}:{port}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    listener.stop()
+    engine.dispose()
+    return 0
+
+
+def _dicom_config(args: argparse.Namespace) -> int:
+    from triage_api.dicom import peers
+    from triage_api.errors import TriageError
+
+    settings = Settings()
+    engine = make_engine(settings.sqlalchemy_url)
+    now = datetime.now(UTC)
+    try:
+        with transaction(make_sessionmaker(engine)) as session:
+            if args.dicom_command == "pacs":
+                peers.set_pacs(
+                    session, clinic=args.clinic, ae=args.ae_title, host=args.host, port=args.port, now=now
+                )
+                action, details = (
+                    "dicom.pacs.set",
+                    {"ae_title": args.ae_title, "host": args.host, "port": args.port},
+                )
+            else:
+                peer = peers.add_peer(session, clinic=args.clinic, ae=args.ae_title, host=args.host, now=now)
+                action, details = "dicom.peer.add", {"ae_title": peer.ae_title, "host": peer.host}
+            record(
+                session,
+                actor="cli",
+                action=action,
+                code=EventCode.SECURITY_ALERT,
+                object_type="clinic",
+                object_id=args.clinic,
+                details=details,
+            )
+    except TriageError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="triage", description="On-premise AI triage for medical imaging.")
     parser.add_argument(
@@ -461,6 +522,32 @@ def build_parser() -> argparse.ArgumentParser:
     validation.add_argument("--model", help="name@version (default: the live model)")
     validation.add_argument("--challenger", help="name@version: compare it with the live model (paired CI)")
     validation.set_defaults(func=_validation)
+
+    listener = commands.add_parser("dicom-listener", help="run the DICOM C-STORE listener (storage SCP)")
+    listener.add_argument("--host", default=None, help="bind address (default TRIAGE_HOST)")
+    listener.add_argument("--port", type=int, default=None, help="default TRIAGE_DICOM_PORT, else 11112")
+    listener.set_defaults(func=_dicom_listener)
+
+    dicom = commands.add_parser("dicom", help="DICOM peers and PACS destinations").add_subparsers(
+        dest="dicom_group", required=True
+    )
+    peer_commands = dicom.add_parser("peers", help="senders allowed per clinic").add_subparsers(
+        dest="peers_command", required=True
+    )
+    peer_add = peer_commands.add_parser("add", help="allow a calling AE title (and address) for a clinic")
+    peer_add.add_argument("--clinic", required=True)
+    peer_add.add_argument("--ae-title", required=True)
+    peer_add.add_argument("--host", default=None, help="the peer's IP address (default: any)")
+    peer_add.set_defaults(func=_dicom_config, dicom_command="peer")
+    pacs = dicom.add_parser("pacs", help="where a clinic's AI results (SR) are sent").add_subparsers(
+        dest="pacs_command", required=True
+    )
+    pacs_set = pacs.add_parser("set", help="set a clinic's PACS (C-STORE destination)")
+    pacs_set.add_argument("--clinic", required=True)
+    pacs_set.add_argument("--ae-title", required=True)
+    pacs_set.add_argument("--host", required=True)
+    pacs_set.add_argument("--port", type=int, required=True)
+    pacs_set.set_defaults(func=_dicom_config, dicom_command="pacs")
 
     audit_cli.add_commands(commands)
     models_cli.add_commands(commands)

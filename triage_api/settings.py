@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
 
+    dicom_port: int | None = Field(None, ge=0, le=65535)
+    """Port of the DICOM C-STORE listener that ``triage serve`` starts (on ``host``); unset: none."""
+    dicom_ae_title: str = Field("TRIAGE", pattern=r"^[\x21-\x5b\x5d-\x7e]{1,16}$")
+    """Our AE title: called by senders, calling when results are sent to a PACS."""
+
     max_upload_bytes: int = Field(64 * 1024 * 1024, gt=0)
     """Largest request body accepted by ``POST /v1/studies``."""
     max_decoded_bytes: int = Field(256 * 1024 * 1024, gt=0)

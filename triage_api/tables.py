@@ -371,3 +371,34 @@ class ChallengerScore(Base):
     risk: Mapped[float] = mapped_column(Float)
     logit: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class DicomPeer(Base):
+    """A DICOM sender allowed to C-STORE studies for a clinic (calling AE title, optional address).
+
+    Studies it sends are accepted as uploads of ``user_id``, a service user created with the
+    peer (the uploader role, that clinic only), so every door records who sent a study the same way.
+    """
+
+    __tablename__ = "dicom_peers"
+    __table_args__ = (UniqueConstraint("ae_title", "host", name="uq_dicom_peers_ae_host"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    clinic_id: Mapped[int] = mapped_column(ForeignKey("clinics.id"), index=True)
+    ae_title: Mapped[str] = mapped_column(String(16), index=True)
+    host: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """The peer's IP address; None: any address."""
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class PacsDestination(Base):
+    """Where a clinic's AI results (DICOM SR) are C-STOREd: one PACS per clinic."""
+
+    __tablename__ = "pacs_destinations"
+
+    clinic_id: Mapped[int] = mapped_column(ForeignKey("clinics.id"), primary_key=True)
+    ae_title: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)

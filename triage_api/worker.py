@@ -34,6 +34,7 @@ from models.bundle import Bundle, load_bundle
 from triage_api import golive, jobs
 from triage_api.blobs import blob_path
 from triage_api.decoding import Decoded, DecodePool, DecodeTask, Gate, decode_study
+from triage_api.dicom import sr
 from triage_api.ingest import DICOM
 from triage_api.jobs import Claim, batch_bucket
 from triage_api.priority import rescored_deadline, tier_of
@@ -283,6 +284,7 @@ class Worker:
                         session, claim, case, result, scoring, clinic, challengers[clinic.id]
                     )
                     details.update(stored)
+                    sr.enqueue_result(session, case=case, attempt=claim.attempt, card=card, now=self.clock())
                 else:
                     details["reason"] = result.reason
                 outcome = Outcome.SUCCESS if result.status != CaseStatus.FAILED else Outcome.MINOR_FAILURE

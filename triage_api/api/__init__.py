@@ -13,6 +13,7 @@ errors, mapped to HTTP in :mod:`triage_api.errors`) and shape the response. The 
 - :mod:`.audit`: the audit log, scoped by role
 - :mod:`.monitoring`: model performance metrics
 - :mod:`.health`: liveness, health and Prometheus metrics
+- :mod:`.dicomweb`: DICOMweb STOW-RS in, a read-only QIDO-RS/WADO-RS subset
 - :mod:`.clinics`: a clinic's AI mode, local validation, site calibrations, challengers
 """
 
@@ -24,6 +25,7 @@ from triage_api.api import (
     appeals,
     audit,
     clinics,
+    dicomweb,
     health,
     images,
     monitoring,
@@ -44,5 +46,6 @@ ROUTERS: tuple[APIRouter, ...] = (
     audit.router,
     images.router,
     clinics.router,
+    dicomweb.router,
 )
 """Every REST router, in the order their routes are matched."""

@@ -45,6 +45,18 @@ ALLOWED: dict[tuple[str, str], set[str]] = {
     ("POST", "/v1/calibrations/{calibration_id}/approve"): {"admin", "auditor"},
     ("POST", "/v1/calibrations/{calibration_id}/reject"): {"admin", "auditor"},
     ("POST", "/v1/calibrations/{calibration_id}/rollback"): {"admin", "auditor"},
+    ("POST", "/dicom-web/studies"): {"uploader"},
+    ("GET", "/dicom-web/studies"): {"radiologist", "auditor"},
+    ("GET", "/dicom-web/studies/{study}/series"): {"radiologist", "auditor"},
+    ("GET", "/dicom-web/studies/{study}/instances"): {"radiologist", "auditor"},
+    ("GET", "/dicom-web/studies/{study}/series/{series}/instances"): {"radiologist", "auditor"},
+    ("GET", "/dicom-web/studies/{study}/metadata"): {"radiologist", "auditor"},
+    ("GET", "/dicom-web/studies/{study}/series/{series}/metadata"): {"radiologist", "auditor"},
+    ("GET", "/dicom-web/studies/{study}/series/{series}/instances/{sop}"): {"radiologist", "auditor"},
+    ("GET", "/dicom-web/studies/{study}/series/{series}/instances/{sop}/frames/{frame_list}"): {
+        "radiologist",
+        "auditor",
+    },
 }
 ROLES = ("uploader", "radiologist", "auditor", "admin")
 
@@ -62,6 +74,10 @@ def call(client: TestClient, method: str, path: str, headers: dict[str, str]):  
         .replace("{appeal_id}", "987654")
         .replace("{clinic}", "north")
         .replace("{calibration_id}", "987654")
+        .replace("{study}", "1.2.3")
+        .replace("{series}", "1.2.3.4")
+        .replace("{sop}", "1.2.3.4.5")
+        .replace("{frame_list}", "1")
     )
     if (method, path) == ("POST", "/v1/studies"):
         return client.post(

@@ -36,7 +36,9 @@ from triage_api import (
     passwords,
     reading,
     reading_views,
+    webhooks,
 )
+from triage_api.api import webhooks as webhook_routes
 from triage_api.auth import Role
 from triage_api.blobs import write_atomically
 from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
@@ -146,10 +148,22 @@ def _monitor(factory: sessionmaker[Session], settings: Settings) -> None:
         monitoring.check_alerts(session, settings=settings)
 
 
-def outbox_senders(settings: Settings) -> dict[str, outbox.Sender]:
+def outbox_senders(settings: Settings, factory: sessionmaker[Session]) -> dict[str, outbox.Sender]:
     """The sender of each outbox kind this site delivers (DICOM SR, webhooks)."""
-    senders: dict[str, outbox.Sender] = {}
+    senders: dict[str, outbox.Sender] = {
+        webhooks.KIND: webhooks.Sender(
+            factory,
+            site_secret=read_or_create_secret(settings.secret_dir / "pseudonym.key"),
+            timeout=settings.webhook_timeout_seconds,
+            clock=lambda: datetime.now(UTC),
+        ),
+    }
     return senders
+
+
+def _sweep(factory: sessionmaker[Session], settings: Settings) -> None:
+    with transaction(factory) as session:
+        webhooks.sweep(session, settings=settings, now=datetime.now(UTC))
 
 
 def _deliver(factory: sessionmaker[Session], senders: dict[str, outbox.Sender]) -> None:
@@ -193,6 +207,7 @@ def create_app(settings: Settings) -> FastAPI:
         )
         _ = checkpointer.key  # an unusable key fails the start, not the first checkpoint
         stop = threading.Event()
+        senders = outbox_senders(settings, factory)
         threads = [
             _periodic(
                 stop, settings.monitor_interval_seconds, "triage-monitor", lambda: _monitor(factory, settings)
@@ -204,7 +219,13 @@ def create_app(settings: Settings) -> FastAPI:
                 stop,
                 settings.outbox_poll_seconds,
                 "triage-outbox",
-                lambda: _deliver(factory, outbox_senders(settings)),
+                lambda: _deliver(factory, senders),
+            ),
+            _periodic(
+                stop,
+                settings.webhook_sweep_seconds,
+                "triage-webhook-sweep",
+                lambda: _sweep(factory, settings),
             ),
         ]
         if settings.run_worker:
@@ -239,6 +260,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health_views.router)
     app.include_router(audit_views.router)
     app.include_router(imaging_views.router)
+    app.include_router(webhook_routes.router)
     web_views.install(app)
     return app
 

@@ -30,6 +30,7 @@ from triage_api import (
     health_views,
     imaging_views,
     ingest,
+    live,
     monitoring,
     monitoring_views,
     outbox,
@@ -38,6 +39,7 @@ from triage_api import (
     reading_views,
     webhooks,
 )
+from triage_api.api import live as live_routes
 from triage_api.api import webhooks as webhook_routes
 from triage_api.auth import Role
 from triage_api.blobs import write_atomically
@@ -208,7 +210,9 @@ def create_app(settings: Settings) -> FastAPI:
         _ = checkpointer.key  # an unusable key fails the start, not the first checkpoint
         stop = threading.Event()
         senders = outbox_senders(settings, factory)
+        app.state.live_feed = feed = live.Feed()
         threads = [
+            threading.Thread(target=feed.listen, args=(factory, stop), name="triage-live", daemon=True),
             _periodic(
                 stop, settings.monitor_interval_seconds, "triage-monitor", lambda: _monitor(factory, settings)
             ),
@@ -261,6 +265,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(audit_views.router)
     app.include_router(imaging_views.router)
     app.include_router(webhook_routes.router)
+    app.include_router(live_routes.router)
     web_views.install(app)
     return app
 

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from audit.log import Outcome
 from models.bundle import Bundle, load_bundle
-from triage_api import jobs, webhooks
+from triage_api import jobs, live, webhooks
 from triage_api.blobs import blob_path
 from triage_api.decoding import Decoded, DecodePool, DecodeTask, Gate, decode_study
 from triage_api.ingest import DICOM
@@ -210,6 +210,7 @@ class Worker:
                 else:
                     details["reason"] = result.reason
                 webhooks.case_scored(session, case, now=self.clock())
+                live.publish(session, case, now=self.clock())
                 outcome = Outcome.SUCCESS if result.status != CaseStatus.FAILED else Outcome.MINOR_FAILURE
                 jobs.audit_scoring(session, self.name, case, f"study.score.{result.status}", outcome, details)
             return len(held)

@@ -37,6 +37,13 @@ ALLOWED: dict[tuple[str, str], set[str]] = {
     ("GET", "/v1/audit"): {"auditor"},
     ("GET", "/v1/health"): {"admin", "auditor"},
     ("GET", "/metrics"): {"admin", "auditor"},
+    ("GET", "/v1/worklist/stream"): {"uploader", "radiologist", "auditor"},
+    ("POST", "/v1/clinics/{clinic}/webhooks"): {"admin"},
+    ("GET", "/v1/clinics/{clinic}/webhooks"): {"admin"},
+    ("DELETE", "/v1/clinics/{clinic}/webhooks/{webhook_id}"): {"admin"},
+    ("POST", "/v1/clinics/{clinic}/webhooks/{webhook_id}/rotate"): {"admin"},
+    ("GET", "/v1/clinics/{clinic}/webhooks/{webhook_id}/deliveries"): {"admin"},
+    ("POST", "/v1/clinics/{clinic}/webhooks/{webhook_id}/deliveries/{delivery_id}/resend"): {"admin"},
 }
 ROLES = ("uploader", "radiologist", "auditor", "admin")
 
@@ -52,7 +59,15 @@ def call(client: TestClient, method: str, path: str, headers: dict[str, str]):  
         path.replace("{case_id}", uuid.uuid4().hex)
         .replace("{prefix}", "0123456789ab")
         .replace("{appeal_id}", "987654")
+        .replace("{clinic}", "north")
+        .replace("{webhook_id}", "987654")
+        .replace("{delivery_id}", "987654")
     )
+    if path.endswith("/stream"):  # an open event stream: the status line is the answer
+        with client.stream(method, url, headers=headers) as response:
+            if response.status_code != 200:
+                response.read()
+            return response
     if (method, path) == ("POST", "/v1/studies"):
         return client.post(
             url,

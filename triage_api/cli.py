@@ -155,21 +155,25 @@ def _export_dicom(args: argparse.Namespace) -> int:
     quiet_pydicom()
     settings = Settings()
     engine = make_engine(settings.sqlalchemy_url)
-    migrate(engine)
-    with transaction(make_sessionmaker(engine)) as session:
-        clinic_id = session.execute(select(Clinic.id).where(Clinic.name == args.clinic)).scalar_one_or_none()
-        if clinic_id is None:
-            print("error: unknown clinic", file=sys.stderr)
-            return 2
-        report = export_dicom(
-            session,
-            actor="cli",
-            clinic_id=clinic_id,
-            out=Path(args.out),
-            blob_dir=settings.blob_dir,
-            site_secret=read_or_create_secret(settings.secret_dir / "pseudonym.key"),
-            since=args.since,
-        )
+    try:
+        migrate(engine)
+        with transaction(make_sessionmaker(engine)) as session:
+            clinic = select(Clinic.id).where(Clinic.name == args.clinic)
+            clinic_id = session.execute(clinic).scalar_one_or_none()
+            if clinic_id is None:
+                print("error: unknown clinic", file=sys.stderr)
+                return 2
+            report = export_dicom(
+                session,
+                actor="cli",
+                clinic_id=clinic_id,
+                out=Path(args.out),
+                blob_dir=settings.blob_dir,
+                site_secret=read_or_create_secret(settings.secret_dir / "pseudonym.key"),
+                since=args.since,
+            )
+    finally:
+        engine.dispose()
     print(f"{report.written} de-identified studies written to {args.out}, with reads.csv")
     for case_id, reason in report.refused.items():
         print(f"refused case {case_id}: {reason}")

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from tests.conftest import MakeKey, bearer, upload, wait_for
 from tests.test_phi import CANARIES, with_canaries
@@ -17,8 +18,9 @@ from tests.test_webhooks import critical_bundle  # noqa: F401 (fixture)
 from triage_api import live
 from triage_api.app import create_app
 from triage_api.auth import Principal, Role
+from triage_api.db import transaction
 from triage_api.settings import Settings
-from triage_api.tables import Case
+from triage_api.tables import ApiKey, Appeal, Case
 
 
 @pytest.fixture
@@ -104,3 +106,34 @@ def test_criticals_due_soon_are_counted_against_the_clock_given(app: TestClient,
         for who, minutes in ((reader, 16), (reader, 14), (reader, -5), (other, 0))
     ]
     assert counts == [0, 1, 1, 0]
+
+
+def test_a_blinded_appeal_reader_gets_no_live_event_of_that_case(app: TestClient, make_key: MakeKey) -> None:
+    case_id = _scored(app, make_key, "north")
+    second = make_key("radiologist", "north")
+    factory = app.app.state.runtime.factory  # type: ignore[attr-defined]
+    with transaction(factory) as session:
+        case = session.get(Case, case_id)
+        assert case is not None
+        reader_id = session.execute(
+            select(ApiKey.user_id).where(ApiKey.prefix == second.split("_")[1])
+        ).scalar_one()
+        session.add(
+            Appeal(
+                case_id=case_id,
+                clinic_id=case.clinic_id,
+                filed_by=case.uploaded_by,
+                category="disagree_with_result",
+                grounds="second opinion",
+                contact_reference="ref-1",
+                status="assigned",
+                assigned_to=reader_id,
+                due_at=case.deadline + timedelta(days=3),
+                created_at=case.received_at,
+            )
+        )
+        deadline = case.deadline
+    body = app.get("/v1/worklist/stream", headers={**bearer(second), "Last-Event-ID": "0"}).text
+    assert case_id not in body
+    blinded = Principal(user_id=reader_id, role=Role.RADIOLOGIST, clinic_ids=frozenset({case.clinic_id}))
+    assert live.events_after(factory, blinded, 0, now=deadline)[2] == 0

@@ -35,7 +35,7 @@ from triage_api import outbox, webhooks
 from triage_api.app import create_app, read_or_create_secret
 from triage_api.db import transaction
 from triage_api.settings import Settings
-from triage_api.tables import Case, OutboxItem
+from triage_api.tables import Alert, Appeal, Case, OutboxItem, User
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 TOLERANCE = timedelta(minutes=5)
@@ -478,3 +478,67 @@ def test_the_sweep_sends_overdue_once_per_case(
             webhooks.sweep(session, settings=quiet_settings, now=deadline + late)
     [item] = _pending_deliveries(app)
     assert json.loads(item.payload)["event"] == "case.overdue" and item.case_id == case_id
+
+
+def test_the_sweep_sends_decided_appeals_and_model_alerts_once_without_their_free_text(
+    app: TestClient, quiet_settings: Settings, make_key: MakeKey, receiver: Receiver
+) -> None:
+    admin = _admin(make_key)
+    case_id = _critical_case(app, make_key)
+    factory = _factory(app)
+    now = datetime.now(UTC)
+    with transaction(factory) as session:
+        case = session.get(Case, case_id)
+        assert case is not None
+        filer = session.execute(select(User.id).where(User.role == "uploader")).scalars().first()
+        assert filer is not None
+
+        def alert(at: datetime) -> Alert:
+            return Alert(
+                clinic_id=case.clinic_id,
+                model_ref="tiny-critical@0.0.1",
+                kind="override_rate",
+                value=0.5,
+                bound=0.3,
+                window_start=at - timedelta(days=7),
+                window_end=at,
+                created_at=at,
+            )
+
+        session.add(alert(now - timedelta(hours=1)))  # before the subscription: not sent
+        clinic_id = case.clinic_id
+    hook = _subscribe(app, admin, receiver, "appeal.decided", "model.alert")
+    later = datetime.now(UTC) + timedelta(seconds=1)
+    with transaction(factory) as session:
+        session.add(alert(later))
+        session.add(
+            Appeal(
+                case_id=case_id,
+                clinic_id=clinic_id,
+                filed_by=filer,
+                category="disagree_with_result",
+                grounds="CANARY-GROUNDS Zebulon^Canaryfield",
+                contact_reference="CANARY-CONTACT",
+                status="decided",
+                due_at=later + timedelta(days=3),
+                outcome="upheld",
+                rationale="CANARY-RATIONALE",
+                decided_at=later,
+                created_at=later,
+            )
+        )
+    for _ in range(2):
+        with transaction(factory) as session:
+            webhooks.sweep(session, settings=quiet_settings, now=later)
+    receiver.clock.now = later
+    assert _deliver(app, quiet_settings, receiver.clock) == [{"delivered": 2}]
+    by_event = {p["event"]: p for p in receiver.accepted}
+    assert set(by_event) == {"appeal.decided", "model.alert"}
+    assert (by_event["appeal.decided"]["case_id"], by_event["appeal.decided"]["outcome"]) == (
+        case_id,
+        "upheld",
+    )
+    assert by_event["model.alert"]["alert"] == "override_rate"
+    assert not any("CANARY" in json.dumps(p) for p in receiver.accepted)
+    log = app.get(f"/v1/clinics/north/webhooks/{hook}/deliveries", headers=bearer(admin)).json()
+    assert sorted(d["event"] for d in log) == ["appeal.decided", "model.alert"]

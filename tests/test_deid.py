@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from audit.log import AuditEvent
-from tests.conftest import DATA, MakeKey, bearer, upload, wait_for
+from tests.conftest import DATA, MakeKey, bearer, shared_data, upload, wait_for
 from triage_api import cli
 from triage_api.deid import Pseudonyms, deidentify
 from triage_api.settings import Settings
@@ -149,6 +149,25 @@ def test_dciodvfy_finds_no_error(tmp_path: Path) -> None:
     result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False)
     errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
     assert errors == []
+
+
+def _errors(path: Path) -> set[str]:
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False)
+    return {line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")}
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="needs dciodvfy (apt-get install dicom3tools)")
+def test_real_chest_radiographs_gain_no_dciodvfy_error(tmp_path: Path) -> None:
+    """Every transfer syntax of the shared chest set: no error the original did not have."""
+    for source in sorted(shared_data("dicom", "chest").glob("*.dcm")):
+        ds = pydicom.dcmread(source)
+        ds.BurnedInAnnotation = "NO"
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        out = tmp_path / source.name
+        deidentify(buffer.getvalue(), Pseudonyms.of_site(b"s" * 32)).save_as(out, enforce_file_format=True)
+        assert _errors(out) <= _errors(source), source.name
+        assert pydicom.dcmread(out).PatientIdentityRemoved == "YES"
 
 
 def test_export_dicom_writes_deidentified_studies_and_reads_twice_alike(

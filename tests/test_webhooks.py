@@ -379,6 +379,8 @@ def test_a_redirect_is_not_followed(
         ("http://8.8.8.8/hook", True, "not allowed"),
         ("http://[::ffff:169.254.169.254]/", True, "not allowed"),
         ("https:///hook", False, "no host"),
+        ("https://exa mple.org/hook", False, "DNS name or an IP"),
+        ("https://example.org%0d%0a/hook", False, "DNS name or an IP"),
         ("https://example.org:99999/", False, "not a valid URL"),
     ],
 )

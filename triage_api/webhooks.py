@@ -27,6 +27,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import re
 import secrets
 import socket
 from collections.abc import Callable, Sequence
@@ -53,6 +54,8 @@ KIND = "webhook"
 
 SECRET_PREFIX = "whsec_"
 MAX_URL = 500
+HOST = re.compile(r"[a-z0-9.-]+|[0-9a-f:.]+")
+"""A host name (urlsplit lowercases it) or an IP literal; nothing else reaches the resolver."""
 
 Resolver = Callable[[str, int], Sequence[str]]
 """``(host, port) -> addresses``; tests pass their own, the service uses DNS."""
@@ -142,6 +145,8 @@ def check_target(url: str, *, allow_insecure_local: bool) -> None:
         raise InvalidRequest("url must not carry user information")
     if not parts.hostname or port == 0:
         raise InvalidRequest("url has no host")
+    if not HOST.fullmatch(parts.hostname):
+        raise InvalidRequest("url host must be a DNS name or an IP address")
     try:
         literal = ipaddress.ip_address(parts.hostname)
     except ValueError:

@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 import httpx
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import exists, select
+from sqlalchemy import String, cast, exists, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from audit.log import EventCode, record
@@ -397,7 +397,7 @@ def sweep(session: Session, *, settings: Settings, now: datetime, limit: int = 2
             decided = select(Appeal).where(
                 Appeal.clinic_id == sub.clinic_id,
                 Appeal.decided_at >= sub.created_at,
-                _unnoticed(sub, WebhookEvent.APPEAL_DECIDED, Appeal.id),
+                _unnoticed(sub, WebhookEvent.APPEAL_DECIDED, cast(Appeal.id, String)),
             )
             for appeal in session.execute(decided.order_by(Appeal.id).limit(limit)).scalars():
                 fields = {"case_id": appeal.case_id, "appeal_id": appeal.id, "outcome": appeal.outcome}
@@ -406,7 +406,7 @@ def sweep(session: Session, *, settings: Settings, now: datetime, limit: int = 2
             alerts = select(Alert).where(
                 Alert.clinic_id == sub.clinic_id,
                 Alert.created_at >= sub.created_at,
-                _unnoticed(sub, WebhookEvent.MODEL_ALERT, Alert.id),
+                _unnoticed(sub, WebhookEvent.MODEL_ALERT, cast(Alert.id, String)),
             )
             for alert in session.execute(alerts.order_by(Alert.id).limit(limit)).scalars():
                 fields = {

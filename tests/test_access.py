@@ -57,6 +57,13 @@ ALLOWED: dict[tuple[str, str], set[str]] = {
         "radiologist",
         "auditor",
     },
+    ("GET", "/v1/worklist/stream"): {"uploader", "radiologist", "auditor"},
+    ("POST", "/v1/clinics/{clinic}/webhooks"): {"admin"},
+    ("GET", "/v1/clinics/{clinic}/webhooks"): {"admin"},
+    ("DELETE", "/v1/clinics/{clinic}/webhooks/{webhook_id}"): {"admin"},
+    ("POST", "/v1/clinics/{clinic}/webhooks/{webhook_id}/rotate"): {"admin"},
+    ("GET", "/v1/clinics/{clinic}/webhooks/{webhook_id}/deliveries"): {"admin"},
+    ("POST", "/v1/clinics/{clinic}/webhooks/{webhook_id}/deliveries/{delivery_id}/resend"): {"admin"},
 }
 ROLES = ("uploader", "radiologist", "auditor", "admin")
 
@@ -78,7 +85,14 @@ def call(client: TestClient, method: str, path: str, headers: dict[str, str]):  
         .replace("{series}", "1.2.3.4")
         .replace("{sop}", "1.2.3.4.5")
         .replace("{frame_list}", "1")
+        .replace("{webhook_id}", "987654")
+        .replace("{delivery_id}", "987654")
     )
+    if path.endswith("/stream"):  # an open event stream: the status line is the answer
+        with client.stream(method, url, headers=headers) as response:
+            if response.status_code != 200:
+                response.read()
+            return response
     if (method, path) == ("POST", "/v1/studies"):
         return client.post(
             url,

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from audit.checkpoint import Checkpointer
 from audit.log import EventCode, record
-from triage_api import api, auth, ingest, monitoring, outbox
+from triage_api import api, auth, ingest, live, monitoring, outbox, webhooks
 from triage_api.auth import Role
 from triage_api.blobs import write_atomically
 from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
@@ -122,10 +122,23 @@ def _monitor(factory: sessionmaker[Session], settings: Settings) -> None:
         monitoring.check_alerts(session, settings=settings)
 
 
-def outbox_senders(settings: Settings) -> dict[str, outbox.Sender]:
+def outbox_senders(settings: Settings, factory: sessionmaker[Session]) -> dict[str, outbox.Sender]:
     """The sender of each outbox kind this site delivers (DICOM SR, webhooks)."""
-    senders: dict[str, outbox.Sender] = {sr.KIND: sr.sender(settings)}
+    senders: dict[str, outbox.Sender] = {
+        sr.KIND: sr.sender(settings),
+        webhooks.KIND: webhooks.Sender(
+            factory,
+            site_secret=read_or_create_secret(settings.secret_dir / "pseudonym.key"),
+            timeout=settings.webhook_timeout_seconds,
+            clock=lambda: datetime.now(UTC),
+        ),
+    }
     return senders
+
+
+def _sweep(factory: sessionmaker[Session], settings: Settings) -> None:
+    with transaction(factory) as session:
+        webhooks.sweep(session, settings=settings, now=datetime.now(UTC))
 
 
 def _deliver(factory: sessionmaker[Session], senders: dict[str, outbox.Sender]) -> None:
@@ -169,7 +182,10 @@ def create_app(settings: Settings) -> FastAPI:
         )
         _ = checkpointer.key  # an unusable key fails the start, not the first checkpoint
         stop = threading.Event()
+        senders = outbox_senders(settings, factory)
+        app.state.live_feed = feed = live.Feed()
         threads = [
+            threading.Thread(target=feed.listen, args=(factory, stop), name="triage-live", daemon=True),
             _periodic(
                 stop, settings.monitor_interval_seconds, "triage-monitor", lambda: _monitor(factory, settings)
             ),
@@ -180,7 +196,13 @@ def create_app(settings: Settings) -> FastAPI:
                 stop,
                 settings.outbox_poll_seconds,
                 "triage-outbox",
-                lambda: _deliver(factory, outbox_senders(settings)),
+                lambda: _deliver(factory, senders),
+            ),
+            _periodic(
+                stop,
+                settings.webhook_sweep_seconds,
+                "triage-webhook-sweep",
+                lambda: _sweep(factory, settings),
             ),
         ]
         if settings.run_worker:

@@ -423,6 +423,43 @@ def _dicom_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_dicom(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from triage_api.app import read_or_create_secret
+    from triage_api.deid import export_dicom
+    from triage_api.tables import Clinic
+
+    if not args.deidentify:
+        print("error: only de-identified export exists; pass --deidentify", file=sys.stderr)
+        return 2
+    quiet_pydicom()
+    settings = Settings()
+    engine = make_engine(settings.sqlalchemy_url)
+    try:
+        with transaction(make_sessionmaker(engine)) as session:
+            clinic = select(Clinic.id).where(Clinic.name == args.clinic)
+            clinic_id = session.execute(clinic).scalar_one_or_none()
+            if clinic_id is None:
+                print("error: unknown clinic", file=sys.stderr)
+                return 2
+            report = export_dicom(
+                session,
+                actor="cli",
+                clinic_id=clinic_id,
+                out=Path(args.out),
+                blob_dir=settings.blob_dir,
+                site_secret=read_or_create_secret(settings.secret_dir / "pseudonym.key"),
+                since=args.since,
+            )
+    finally:
+        engine.dispose()
+    print(f"{report.written} de-identified studies written to {args.out}, with reads.csv")
+    for case_id, reason in report.refused.items():
+        print(f"refused case {case_id}: {reason}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="triage", description="On-premise AI triage for medical imaging.")
     parser.add_argument(
@@ -548,6 +585,22 @@ def build_parser() -> argparse.ArgumentParser:
     pacs_set.add_argument("--host", required=True)
     pacs_set.add_argument("--port", type=int, required=True)
     pacs_set.set_defaults(func=_dicom_config, dicom_command="pacs")
+
+    export_dicom = commands.add_parser(
+        "export-dicom", help="write a clinic's DICOM studies de-identified (PS3.15 Annex E), with reads"
+    )
+    export_dicom.add_argument("--clinic", required=True, help="clinic name")
+    export_dicom.add_argument("--out", required=True, help="directory to write to")
+    export_dicom.add_argument(
+        "--deidentify", action="store_true", help="required: the Basic Profile with modified dates"
+    )
+    export_dicom.add_argument(
+        "--since",
+        type=datetime.fromisoformat,
+        default=None,
+        help="studies received from (ISO time, with zone)",
+    )
+    export_dicom.set_defaults(func=_export_dicom)
 
     audit_cli.add_commands(commands)
     models_cli.add_commands(commands)

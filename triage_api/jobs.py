@@ -183,21 +183,21 @@ def heartbeat(
 
 
 class Listener:
-    """A dedicated PostgreSQL connection that LISTENs for new jobs."""
+    """A dedicated PostgreSQL connection that LISTENs for new jobs (or on another ``channel``)."""
 
-    def __init__(self, factory: sessionmaker[Session]) -> None:
+    def __init__(self, factory: sessionmaker[Session], channel: str = JOBS_CHANNEL) -> None:
         with factory() as session:
             url = session.get_bind().engine.url.set(drivername="postgresql")
         self.connection = psycopg.connect(url.render_as_string(hide_password=False), autocommit=True)
-        self.connection.execute(f"LISTEN {JOBS_CHANNEL}")
+        self.connection.execute(f"LISTEN {channel}")
 
     @classmethod
-    def open(cls, factory: sessionmaker[Session]) -> Listener | None:
+    def open(cls, factory: sessionmaker[Session], channel: str = JOBS_CHANNEL) -> Listener | None:
         """A listener on PostgreSQL; None on a database without LISTEN (SQLite: poll)."""
         with factory() as session:
             if session.get_bind().dialect.name != "postgresql":
                 return None
-        return cls(factory)
+        return cls(factory, channel)
 
     def wait(self, timeout: float) -> bool:
         """Block until a notification or ``timeout``; False if the connection is unusable."""

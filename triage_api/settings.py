@@ -103,6 +103,17 @@ class Settings(BaseSettings):
     outbox_poll_seconds: float = Field(1.0, gt=0, le=3600)
     """How often due outbox deliveries (DICOM SR, webhooks) are sent."""
 
+    webhook_timeout_seconds: float = Field(5.0, gt=0, le=60)
+    """Connect + read timeout of one webhook delivery (redirects are never followed)."""
+    webhook_overdue_minutes: float = Field(15, ge=0)
+    """``case.overdue`` fires once when a case is still unread this long past its deadline."""
+    webhook_sweep_seconds: float = Field(30, gt=0, le=3600)
+    """How often overdue cases, decided appeals and model alerts are looked for."""
+    live_stream_seconds: float = Field(300, gt=0, le=3600)
+    """Lifetime of one live worklist stream; the browser reconnects with ``Last-Event-ID``."""
+    live_poll_seconds: float = Field(1.0, gt=0, le=60)
+    """How often a live stream looks for new events (on PostgreSQL a NOTIFY wakes it sooner)."""
+
     run_worker: bool = True
     """Run the scoring worker inside the API process (the embedded default)."""
     lease_seconds: float = Field(120.0, gt=0)

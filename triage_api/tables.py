@@ -402,3 +402,55 @@ class PacsDestination(Base):
     host: Mapped[str] = mapped_column(String(255))
     port: Mapped[int] = mapped_column(Integer)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class WebhookSubscription(Base):
+    """A clinic's endpoint subscribed to events; see ``webhooks.py``.
+
+    The signing secret is stored sealed (AES-GCM under a key derived from the site secret,
+    which lives outside the database), so a database dump cannot forge deliveries. During
+    a rotation the previous secret signs too, until ``previous_until``.
+    """
+
+    __tablename__ = "webhook_subscriptions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    clinic_id: Mapped[int] = mapped_column(ForeignKey("clinics.id"), index=True)
+    url: Mapped[str] = mapped_column(String(500))
+    events: Mapped[str] = mapped_column(String(200))
+    """Space-separated event names."""
+    allow_insecure_local: Mapped[bool] = mapped_column(Boolean)
+    sealed_secret: Mapped[str] = mapped_column(String(200))
+    sealed_previous: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    previous_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    created_by: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    """Deleted subscriptions are kept (their delivery log stays readable) but never sent to."""
+
+
+class WebhookNotice(Base):
+    """An event found by the periodic sweep (overdue, appeal decided, model alert) that a
+    subscription was already given: the primary key makes it once per subscription."""
+
+    __tablename__ = "webhook_notices"
+
+    subscription_id: Mapped[int] = mapped_column(ForeignKey("webhook_subscriptions.id"), primary_key=True)
+    event: Mapped[str] = mapped_column(String(30), primary_key=True)
+    object_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class LiveEvent(Base):
+    """One change the live worklist streams (``live.py``); its id is the SSE event id."""
+
+    __tablename__ = "live_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    clinic_id: Mapped[int] = mapped_column(ForeignKey("clinics.id"), index=True)
+    case_id: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(String(30))
+    tier: Mapped[str] = mapped_column(String(20))
+    status: Mapped[str] = mapped_column(String(20))
+    deadline: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

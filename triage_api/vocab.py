@@ -117,3 +117,17 @@ class CalibrationStatus(StrEnum):
     SUPERSEDED = "superseded"
     """Was in force until a later one was approved."""
     ROLLED_BACK = "rolled_back"
+
+
+class WebhookEvent(StrEnum):
+    """What a webhook subscription can be told (``webhooks.py``); never patient data."""
+
+    CASE_CRITICAL = "case.critical"
+    """Scored critical (sent from the scoring transaction)."""
+    CASE_NOT_ANALYZED = "case.not_analyzed"
+    """Outside the model's intended use: a person must look without an AI score."""
+    CASE_OVERDUE = "case.overdue"
+    """Still unread ``webhook_overdue_minutes`` after its deadline (once per case)."""
+    APPEAL_DECIDED = "appeal.decided"
+    MODEL_ALERT = "model.alert"
+    """A monitoring bound crossed (override rate, score drift)."""

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from audit.log import Outcome
 from models.bundle import Bundle, load_bundle
-from triage_api import golive, jobs
+from triage_api import golive, jobs, live, webhooks
 from triage_api.blobs import blob_path
 from triage_api.decoding import Decoded, DecodePool, DecodeTask, Gate, decode_study
 from triage_api.dicom import sr
@@ -287,6 +287,8 @@ class Worker:
                     sr.enqueue_result(session, case=case, attempt=claim.attempt, card=card, now=self.clock())
                 else:
                     details["reason"] = result.reason
+                webhooks.case_scored(session, case, now=self.clock())
+                live.publish(session, case, now=self.clock())
                 outcome = Outcome.SUCCESS if result.status != CaseStatus.FAILED else Outcome.MINOR_FAILURE
                 jobs.audit_scoring(session, self.name, case, f"study.score.{result.status}", outcome, details)
             return len(held)

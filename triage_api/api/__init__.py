@@ -14,6 +14,8 @@ errors, mapped to HTTP in :mod:`triage_api.errors`) and shape the response. The 
 - :mod:`.monitoring`: model performance metrics
 - :mod:`.health`: liveness, health and Prometheus metrics
 - :mod:`.dicomweb`: DICOMweb STOW-RS in, a read-only QIDO-RS/WADO-RS subset
+- :mod:`.webhooks`: a clinic's signed webhook subscriptions and their deliveries
+- :mod:`.live`: the worklist as server-sent events
 - :mod:`.clinics`: a clinic's AI mode, local validation, site calibrations, challengers
 """
 
@@ -28,10 +30,12 @@ from triage_api.api import (
     dicomweb,
     health,
     images,
+    live,
     monitoring,
     reads,
     studies,
     users,
+    webhooks,
     worklist,
 )
 
@@ -47,5 +51,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     images.router,
     clinics.router,
     dicomweb.router,
+    webhooks.router,
+    live.router,
 )
 """Every REST router, in the order their routes are matched."""

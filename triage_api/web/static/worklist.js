@@ -1,11 +1,13 @@
-// Worklist: poll /web/api/worklist, render rows in deadline order, j/k/Enter/n keys.
+// Worklist: fetch /web/api/worklist when the live stream (live.js) reports a change, render
+// rows in deadline order, j/k/Enter/n keys. A slow refresh stays as the safety net for what
+// the stream does not carry (new uploads, other readers' claims and reads).
 (function () {
   "use strict";
-  var POLL_MS = 3000;
+  var REFRESH_MS = 60000, SETTLE_MS = 250;
   var body = document.querySelector("#worklist tbody");
   var form = document.getElementById("filters");
   var live = document.getElementById("live");
-  var items = [], selected = 0, timer = null, seq = 0;
+  var items = [], selected = 0, timer = null, seq = 0, soon = null;
 
   function left(deadline, now) {
     var s = Math.round((Date.parse(deadline) - now) / 1000), over = s < 0, a = Math.abs(s);
@@ -62,7 +64,7 @@
         document.body.dataset.polls = String(Number(document.body.dataset.polls || 0) + 1);
       })
       .catch(function (e) { if (mine === seq) live.textContent = "update failed (" + e.message + "); retrying"; })
-      .finally(function () { if (mine === seq) timer = setTimeout(poll, POLL_MS); });
+      .finally(function () { if (mine === seq) timer = setTimeout(poll, REFRESH_MS); });
   }
   function open(i) { if (items[i]) location.href = "/web/cases/" + encodeURIComponent(items[i].id); }
   function move(d) { if (!items.length) return; selected = Math.max(0, Math.min(items.length - 1, selected + d)); render(); body.children[selected].scrollIntoView({ block: "nearest" }); }
@@ -77,6 +79,8 @@
   });
   form.addEventListener("change", function () { selected = 0; poll(); });
   form.addEventListener("submit", function (e) { e.preventDefault(); poll(); });
-  setInterval(render, 1000);  // keep "time left" ticking between polls
+  // a burst of scored cases makes one request, not one each
+  document.addEventListener("triage:case", function () { clearTimeout(soon); soon = setTimeout(poll, SETTLE_MS); });
+  setInterval(render, 1000);  // keep "time left" ticking between refreshes
   poll();
 })();

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from pydantic import BaseModel, ConfigDict, Field
 
 from triage_api.auth import Role
+from triage_api.params import Id
 from triage_api.tables import Case, Prediction, Read
 from triage_api.vocab import (
     AppealCategory,
@@ -139,7 +140,7 @@ class AppealCreate(BaseModel):
 class AppealAssign(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    reader_id: int
+    reader_id: Id
 
 
 class AppealDecision(BaseModel):

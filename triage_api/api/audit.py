@@ -13,7 +13,6 @@ Who sees what. An auditor sees, by the object an event is about:
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -26,6 +25,7 @@ from triage_api.auth import Principal
 from triage_api.db import transaction
 from triage_api.deps import Auditor, RuntimeDep
 from triage_api.errors import InvalidRequest
+from triage_api.params import Instant, Seq
 from triage_api.tables import Alert, Appeal, Case, UserClinic
 
 router = APIRouter()
@@ -101,9 +101,9 @@ def read_audit_log(
     object_id: Annotated[str | None, Query(max_length=64)] = None,
     actor: Annotated[str | None, Query(max_length=100)] = None,
     action: Annotated[str | None, Query(max_length=60)] = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    after_seq: Annotated[int, Query(ge=0)] = 0,
+    since: Instant | None = None,
+    until: Instant | None = None,
+    after_seq: Seq = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AuditPage:
     """Audit events in the caller's clinics and site security events, oldest first."""
@@ -111,8 +111,6 @@ def read_audit_log(
         if (object_type not in (None, "case")) or (object_id not in (None, case_id)):
             raise InvalidRequest("case_id contradicts object_type/object_id")
         object_type, object_id = "case", case_id
-    if (since is not None and since.tzinfo is None) or (until is not None and until.tzinfo is None):
-        raise InvalidRequest("since and until need a time zone, e.g. 2026-11-01T00:00:00Z")
     filters: dict[str, Any] = {
         "object_type": object_type,
         "object_id": object_id,

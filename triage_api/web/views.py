@@ -37,6 +37,7 @@ from triage_api.auth import Principal, Role
 from triage_api.db import transaction
 from triage_api.deps import Runtime, RuntimeDep
 from triage_api.errors import InvalidRequest, NotAuthenticated, TriageError
+from triage_api.params import Id, Seq
 from triage_api.schemas import AppealCreate, AppealDecision, PriorityChange, ReadCreate
 from triage_api.tables import Appeal, Case, Clinic, User
 from triage_api.vocab import (
@@ -318,7 +319,7 @@ def worklist_json(
     request: Request,
     runtime: RuntimeDep,
     user: CurrentUser,
-    clinic: int | None = None,
+    clinic: Id | None = None,
     tier: Tier | None = None,
     status: CaseStatus | None = None,
     unread: bool | None = True,
@@ -496,7 +497,7 @@ def reprioritise(
 
 
 @router.post("/web/appeals/{appeal_id}/take")
-def take_appeal(runtime: RuntimeDep, user: CheckedUser, appeal_id: int) -> Response:
+def take_appeal(runtime: RuntimeDep, user: CheckedUser, appeal_id: Id) -> Response:
     """Take an open appeal as its second reader."""
     _need(user, Role.RADIOLOGIST)
     with transaction(runtime.factory) as session:
@@ -505,7 +506,7 @@ def take_appeal(runtime: RuntimeDep, user: CheckedUser, appeal_id: int) -> Respo
 
 
 @router.get("/web/appeals/{appeal_id}", response_class=HTMLResponse)
-def appeal_page(request: Request, runtime: RuntimeDep, user: CurrentUser, appeal_id: int) -> HTMLResponse:
+def appeal_page(request: Request, runtime: RuntimeDep, user: CurrentUser, appeal_id: Id) -> HTMLResponse:
     """The second reader's blinded view: the study only, no AI score, heat map or first read."""
     _need(user, Role.RADIOLOGIST)
     with transaction(runtime.factory) as session:
@@ -522,7 +523,7 @@ def appeal_page(request: Request, runtime: RuntimeDep, user: CurrentUser, appeal
 
 
 @router.get("/web/appeals/{appeal_id}/image.png")
-def appeal_image(runtime: RuntimeDep, user: CurrentUser, appeal_id: int) -> Response:
+def appeal_image(runtime: RuntimeDep, user: CurrentUser, appeal_id: Id) -> Response:
     """The study as a grey PNG for the assigned second reader."""
     _need(user, Role.RADIOLOGIST)
     with transaction(runtime.factory) as session:
@@ -534,7 +535,7 @@ def appeal_image(runtime: RuntimeDep, user: CurrentUser, appeal_id: int) -> Resp
 def decide_appeal(
     runtime: RuntimeDep,
     user: CheckedUser,
-    appeal_id: int,
+    appeal_id: Id,
     finding: Annotated[str, Form()] = "",
     outcome: Annotated[str, Form()] = "",
     rationale: Annotated[str, Form(max_length=4000)] = "",
@@ -614,7 +615,7 @@ def audit_desk(
     runtime: RuntimeDep,
     user: CurrentUser,
     reason: Annotated[str | None, Query(max_length=40)] = None,
-    reader: Annotated[str | None, Query(max_length=12, pattern=r"^[0-9]*$")] = None,
+    reader: Annotated[str | None, Query(pattern=r"^[0-9]{0,9}$")] = None,
     model: Annotated[str | None, Query(max_length=100)] = None,
 ) -> HTMLResponse:
     """The auditor's desk: overrides (filterable) and appeals."""
@@ -658,7 +659,7 @@ def audit_log(
     user: CurrentUser,
     action: Annotated[str | None, Query(max_length=60)] = None,
     object_type: Annotated[str | None, Query(max_length=40)] = None,
-    after_seq: Annotated[int, Query(ge=0)] = 0,
+    after_seq: Seq = 0,
 ) -> HTMLResponse:
     """The audit log, with the chain verified now and the last signed checkpoint."""
     _need(user, Role.AUDITOR)

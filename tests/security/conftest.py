@@ -80,7 +80,7 @@ def site(client: TestClient) -> Iterator[Site]:
     runtime = runtime_of(client)
     keys: dict[str, str] = {}
     ids: dict[str, int] = {}
-    people = [("site-admin", Role.ADMIN, [])] + [
+    people: list[tuple[str, Role, list[str]]] = [("site-admin", Role.ADMIN, [])] + [
         (f"{role.value}-{clinic}", role, [clinic])
         for clinic in CLINICS
         for role in (Role.UPLOADER, Role.RADIOLOGIST, Role.AUDITOR)

@@ -77,7 +77,7 @@ def hostile_requests(client: TestClient) -> list[tuple[str, str, str, str, dict[
     for route in api_routes(app_of(client)):
         for where, name, path, query, body in _cases(route):
             url = route.path_format.format(**path)
-            for method in sorted(route.methods):
+            for method in sorted(route.methods or ()):
                 found.append((method, url, where, name, query, body))
     return found
 

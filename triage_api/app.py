@@ -11,12 +11,14 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+import anyio
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from audit.checkpoint import Checkpointer
@@ -26,36 +28,78 @@ from triage_api.auth import Role
 from triage_api.blobs import write_atomically
 from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
 from triage_api.deps import Runtime
-from triage_api.errors import error_body, install_handlers
+from triage_api.errors import TriageError, error_body, install_handlers
 from triage_api.ratelimit import ClinicRateLimiter
 from triage_api.settings import Settings
 from triage_api.tables import User
+from triage_api.web import sessions
 from triage_api.web import views as web_views
 from triage_api.worker import Worker, load_model
 
 log = logging.getLogger("triage")
 
 MULTIPART_OVERHEAD = 64 * 1024
+UPLOAD_PATHS = frozenset({"/v1/studies"})
+"""Routes that take a study's bytes; every other body is capped at ``max_json_bytes``."""
+OPEN_PATHS = frozenset({"/login"})
+"""The only route that takes a body from a caller who has no credential yet."""
+BODILESS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-class BodyLimit:
-    """Answer 413 for bodies over ``limit`` bytes: at once if Content-Length says so, and
-    while streaming if the client lies or sends chunks."""
+def _refuse(status: int, code: str, message: str) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+
+def _credential_valid(runtime: Runtime, scope: Scope) -> bool:
+    """Whether the request carries a live API key or web session (one indexed lookup)."""
+    headers = dict(scope["headers"])
+    authorization = headers.get(b"authorization", b"").decode("latin-1")
+    with runtime.reads() as session:
+        if authorization.startswith("Bearer "):
+            try:
+                auth.authenticate(session, authorization.removeprefix("Bearer ").strip())
+            except TriageError:
+                return False
+            return True
+        token = cookie_parser(headers.get(b"cookie", b"").decode("latin-1")).get(web_views.COOKIE)
+        user, _ = sessions.peek(session, token=token, settings=runtime.settings)
+        return user is not None
+
+
+class BodyGate:
+    """Before a byte of a request body is read: the caller must hold a credential, and the
+    body must fit its route's cap (413 at once if Content-Length says so, and while
+    streaming if the client lies or sends chunks).
+
+    FastAPI reads and parses a body before it runs the route's dependencies, so without
+    this gate an anonymous client could make the service buffer and parse (on the event
+    loop) a body of any size. The credential is checked again, with its role, by the
+    route's own dependency; here it only decides whether the body is read at all.
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
-        self.limit = limit
+        self.upload_limit = settings.max_upload_bytes + MULTIPART_OVERHEAD
+        self.limit = settings.max_json_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] in BODILESS:
             await self.app(scope, receive, send)
             return
+        limit = self.upload_limit if scope["path"] in UPLOAD_PATHS else self.limit
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            response = JSONResponse(
-                error_body("body_too_large", f"request body over {self.limit} bytes"), status_code=413
-            )
-            await response(scope, receive, send)
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            await _refuse(413, "body_too_large", f"request body over {limit} bytes")(scope, receive, send)
+            return
+        runtime: Runtime | None = getattr(scope["app"].state, "runtime", None)
+        if scope["path"] not in OPEN_PATHS and (
+            runtime is None or not await anyio.to_thread.run_sync(_credential_valid, runtime, scope)
+        ):
+            refusal: Response = _refuse(401, "not_authenticated", "sign in or send a valid API key first")
+            if not scope["path"].startswith("/v1/") and b"x-csrf-token" not in dict(scope["headers"]):
+                refusal = RedirectResponse("/login", status_code=303)  # a browser's form post
+            await refusal(scope, receive, send)
             return
         seen = 0
 
@@ -63,8 +107,8 @@ class BodyLimit:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise StarletteHTTPException(413, f"request body over {self.limit} bytes")
+            if seen > limit:
+                raise StarletteHTTPException(413, f"request body over {limit} bytes")
             return message
 
         await self.app(scope, limited, send)
@@ -205,7 +249,7 @@ def create_app(settings: Settings) -> FastAPI:
         redoc_url=None,
     )
     install_handlers(app)
-    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)
+    app.add_middleware(BodyGate, settings=settings)
     for router in api.ROUTERS:
         app.include_router(router)
     web_views.install(app)

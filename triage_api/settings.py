@@ -31,6 +31,8 @@ class Settings(BaseSettings):
 
     max_upload_bytes: int = Field(64 * 1024 * 1024, gt=0)
     """Largest request body accepted by ``POST /v1/studies``."""
+    max_json_bytes: int = Field(64 * 1024, gt=0, le=16 * 1024 * 1024)
+    """Largest request body of every other route (JSON and web forms)."""
     max_decoded_bytes: int = Field(256 * 1024 * 1024, gt=0)
     """Pixel budget: Rows x Columns x Frames x Samples x bytes per sample, from the header."""
 

@@ -114,6 +114,56 @@ class BodyGate:
         await self.app(scope, limited, send)
 
 
+PAGE_POLICY = "; ".join(
+    (
+        "default-src 'self'",
+        "img-src 'self' data:",
+        "object-src 'none'",
+        "base-uri 'none'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    )
+)
+"""The pages load scripts, styles and images from this origin only (no inline code), and
+no other site may frame them."""
+SECURITY_HEADERS = (
+    (b"content-security-policy", PAGE_POLICY.encode()),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+)
+PUBLIC_PREFIXES = ("/static/",)
+"""Paths that never carry patient data; every other response may, and is never stored."""
+
+
+class SecurityHeaders:
+    """Set the browser-protection headers on every response, and ``Cache-Control:
+    no-store`` on every response that may carry patient data (replacing a route's own)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        private = not scope["path"].startswith(PUBLIC_PREFIXES)
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                names = {name for name, _ in SECURITY_HEADERS}
+                if private:
+                    names.add(b"cache-control")
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in names]
+                headers += SECURITY_HEADERS
+                if private:
+                    headers.append((b"cache-control", b"no-store"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
 def read_or_create_secret(path: Path, size: int = 32) -> bytes:
     """A site secret kept outside the database, created once with mode 0600."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -250,6 +300,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     install_handlers(app)
     app.add_middleware(BodyGate, settings=settings)
+    app.add_middleware(SecurityHeaders)  # outermost: it also marks the gate's refusals
     for router in api.ROUTERS:
         app.include_router(router)
     web_views.install(app)

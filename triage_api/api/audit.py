@@ -6,8 +6,12 @@ Who sees what. An auditor sees, by the object an event is about:
   auditor's clinics;
 - ``worklist``, ``metrics`` (queries): only when the actor is a user granted one of the
   auditor's clinics;
-- ``user``, ``api_key``, ``dataset``, ``audit`` (site security and system events: accounts,
-  keys, exports, audit-log use): always;
+- ``audit`` (someone used the audit log; the event holds their filters, which may name a
+  case, and counts): when the actor is a user whose every clinic is one of the auditor's,
+  so nothing about a clinic reaches an auditor who may not see it; when the actor is not a
+  user (the command line), always;
+- ``user``, ``api_key``, ``dataset`` (site security and system events: accounts, keys,
+  exports): always;
 - anything else: never, until someone classifies it here (closed by default).
 """
 
@@ -30,7 +34,7 @@ from triage_api.tables import Alert, Appeal, Case, UserClinic
 
 router = APIRouter()
 
-SITE_WIDE = ("user", "api_key", "dataset", "audit")
+SITE_WIDE = ("user", "api_key", "dataset")
 """Object types of site security and system events, visible to every auditor."""
 
 
@@ -68,14 +72,22 @@ def visible_to(principal: Principal) -> ColumnElement[bool]:
         A SQL condition (see the module docstring for the rule).
     """
     clinics = sorted(principal.clinic_ids)
-    site_wide = AuditEvent.object_type.in_(SITE_WIDE)
+    site_wide = or_(
+        AuditEvent.object_type.in_(SITE_WIDE),
+        and_(AuditEvent.object_type == "audit", ~AuditEvent.actor.startswith("user:")),
+    )
     if not clinics:
         return site_wide
     members = select(literal("user:") + cast(UserClinic.user_id, String)).where(
         UserClinic.clinic_id.in_(clinics)
     )
+    elsewhere = select(UserClinic.user_id).where(UserClinic.clinic_id.not_in(clinics))
+    only_here = select(literal("user:") + cast(UserClinic.user_id, String)).where(
+        UserClinic.clinic_id.in_(clinics), UserClinic.user_id.not_in(elsewhere)
+    )
     return or_(
         site_wide,
+        and_(AuditEvent.object_type == "audit", AuditEvent.actor.in_(only_here)),
         and_(
             AuditEvent.object_type == "case",
             AuditEvent.object_id.in_(select(Case.id).where(Case.clinic_id.in_(clinics))),

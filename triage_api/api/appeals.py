@@ -8,9 +8,8 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from sqlalchemy.orm import Session
 
-from triage_api import appeals
+from triage_api import appeals, imaging
 from triage_api.auth import Principal, Role
-from triage_api.blobs import read_blob
 from triage_api.db import transaction
 from triage_api.deps import Admin, Radiologist, RuntimeDep, Uploader, allow
 from triage_api.params import Id
@@ -95,13 +94,15 @@ def blinded_case(runtime: RuntimeDep, principal: Radiologist, appeal_id: Id) -> 
         )
 
 
-@router.get("/v1/appeals/{appeal_id}/image", response_class=Response)
+@router.get(
+    "/v1/appeals/{appeal_id}/image", response_class=Response, responses={200: {"content": {"image/png": {}}}}
+)
 def blinded_image(runtime: RuntimeDep, principal: Radiologist, appeal_id: Id) -> Response:
-    """The study bytes for the assigned second reader."""
+    """The study as a grey PNG for the assigned second reader: pixels, without the DICOM
+    header (its identity and any prior report text)."""
     with transaction(runtime.factory) as session:
         _, case = appeals.blinded_view(session, principal=principal, appeal_id=appeal_id)
-        media_type, digest = case.media_type, case.sha256
-    return Response(read_blob(runtime.settings.blob_dir, digest), media_type=media_type)
+    return Response(imaging.case_png(case, runtime.settings), media_type="image/png")
 
 
 @router.post("/v1/appeals/{appeal_id}/decision", response_model=AppealRead)

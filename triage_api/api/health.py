@@ -1,4 +1,4 @@
-"""Operations: ``GET /v1/health`` (JSON) and ``GET /metrics`` (Prometheus text format).
+"""Operations: ``GET /healthz`` (liveness), ``GET /v1/health`` (JSON), ``GET /metrics`` (Prometheus).
 
 Both read the shared database, so they describe the whole fleet, not one process. They
 carry counts and timings only, never patient data.

@@ -824,7 +824,7 @@ def _format(value: float, unit: Unit) -> str:
         pct = value * 100
         return f"{pct:.1f}%" if abs(pct) < 10 and round(pct, 1) != round(pct) else f"{pct:.0f}%"
     if unit == "seconds":
-        return _duration(value)
+        return duration(value)
     if unit == "count":
         return f"{value:.0f}"
     if value != 0 and abs(value) < 0.01:
@@ -832,8 +832,14 @@ def _format(value: float, unit: Unit) -> str:
     return f"{value:.0f}" if abs(value) >= 100 else f"{value:.2f}"
 
 
-def _duration(seconds: float) -> str:
-    # Same thresholds as _time_unit, so values and axis ticks mostly share a unit.
+def duration(seconds: float | None) -> str:
+    """``42 s``, ``7.5 min``, ``3.5 h``, ``4.0 d``; an em dash for no data.
+
+    The one duration format of the web pages (also their ``duration`` template filter).
+    Same thresholds as the axes' units, so values and axis ticks mostly share a unit.
+    """
+    if seconds is None:
+        return "—"
     if seconds <= 120:
         return f"{seconds:.0f} s"
     minutes = seconds / 60

@@ -13,7 +13,7 @@ import inspect
 import secrets
 import threading
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -60,18 +60,7 @@ LOGIN_COOKIE = "triage_login_csrf"
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 
 
-def _duration(seconds: float | None) -> str:
-    """``42 s``, ``12 min``, ``3.5 h``; an em dash for no data."""
-    if seconds is None:
-        return "—"
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-templates.env.filters["duration"] = _duration
+templates.env.filters["duration"] = charts.duration
 router = APIRouter(include_in_schema=False)
 
 HOME = {
@@ -182,11 +171,30 @@ def _checked_json(user: CurrentUser, x_csrf_token: Annotated[str | None, Header(
     return user
 
 
-CheckedFetch = Annotated[WebUser, Depends(_checked_json)]
+def _role(signed_in: Callable[..., WebUser], *roles: Role) -> Any:
+    """A dependency: the signed-in user (as ``signed_in`` checks them), who must hold one of ``roles``.
+
+    Raises:
+        NotPermitted: the user's role is not one of ``roles`` (a 403 page).
+    """
+
+    # A default, not an annotation: annotations are strings here (PEP 563), and FastAPI
+    # would resolve ``signed_in`` among the module's names, not this closure's.
+    def check(user: WebUser = Depends(signed_in)) -> WebUser:  # noqa: B008
+        user.principal.require(*roles)
+        return user
+
+    return Depends(check)
 
 
-def _need(user: WebUser, *roles: Role) -> None:
-    user.principal.require(*roles)
+RadiologistPage = Annotated[WebUser, _role(_user, Role.RADIOLOGIST)]
+RadiologistForm = Annotated[WebUser, _role(_checked, Role.RADIOLOGIST)]
+RadiologistFetch = Annotated[WebUser, _role(_checked_json, Role.RADIOLOGIST)]
+ReaderPage = Annotated[WebUser, _role(_user, Role.RADIOLOGIST, Role.AUDITOR, Role.UPLOADER)]
+UploaderPage = Annotated[WebUser, _role(_user, Role.UPLOADER)]
+UploaderForm = Annotated[WebUser, _role(_checked, Role.UPLOADER)]
+AuditorPage = Annotated[WebUser, _role(_user, Role.AUDITOR)]
+AdminPage = Annotated[WebUser, _role(_user, Role.ADMIN)]
 
 
 def _page(
@@ -297,9 +305,8 @@ def root(user: CurrentUser) -> Response:
 
 
 @router.get("/web/worklist", response_class=HTMLResponse)
-def worklist_page(request: Request, runtime: RuntimeDep, user: CurrentUser) -> HTMLResponse:
+def worklist_page(request: Request, runtime: RuntimeDep, user: RadiologistPage) -> HTMLResponse:
     """The radiologist's worklist; rows come from ``/web/api/worklist`` and refresh live."""
-    _need(user, Role.RADIOLOGIST)
     with runtime.reads() as session:
         clinics = _names(session, Clinic, set(user.principal.clinic_ids))
         mine = appeals.list_appeals(session, principal=user.principal)
@@ -318,7 +325,7 @@ def worklist_page(request: Request, runtime: RuntimeDep, user: CurrentUser) -> H
 def worklist_json(
     request: Request,
     runtime: RuntimeDep,
-    user: CurrentUser,
+    user: ReaderPage,
     clinic: Id | None = None,
     tier: Tier | None = None,
     status: CaseStatus | None = None,
@@ -326,7 +333,6 @@ def worklist_json(
     limit: Annotated[int, Query(ge=1, le=500)] = 200,
 ) -> dict[str, Any]:
     """``/v1/worklist`` for the page, with clinic and reader names (session auth)."""
-    _need(user, Role.RADIOLOGIST, Role.AUDITOR, Role.UPLOADER)
     principal = user.principal
     if clinic is not None:
         if clinic not in principal.clinic_ids:
@@ -373,9 +379,8 @@ def _card(runtime: Runtime, model_ref: str | None) -> ModelCard | None:
 
 
 @router.get("/web/cases/{case_id}", response_class=HTMLResponse)
-def case_page(request: Request, runtime: RuntimeDep, user: CurrentUser, case_id: str) -> HTMLResponse:
+def case_page(request: Request, runtime: RuntimeDep, user: ReaderPage, case_id: str) -> HTMLResponse:
     """The case viewer: picture, heat map, AI result with its model card, and the read."""
-    _need(user, Role.RADIOLOGIST, Role.AUDITOR, Role.UPLOADER)
     with transaction(runtime.factory) as session:
         case, prediction = cases.read_case(session, principal=user.principal, case_id=case_id)
         first = reading.primary_read(session, case.id)
@@ -425,18 +430,16 @@ def case_heatmap(runtime: RuntimeDep, user: CurrentUser, case_id: str) -> Respon
 
 
 @router.post("/web/cases/{case_id}/claim")
-def claim(runtime: RuntimeDep, user: CheckedFetch, case_id: str) -> dict[str, Any]:
+def claim(runtime: RuntimeDep, user: RadiologistFetch, case_id: str) -> dict[str, Any]:
     """Claim the case (a fetch from the viewer; CSRF token in the header)."""
-    _need(user, Role.RADIOLOGIST)
     with transaction(runtime.factory) as session:
         case = reading.claim(session, principal=user.principal, case_id=case_id)
         return {"case_id": case.id, "claimed": True}
 
 
 @router.post("/web/cases/{case_id}/release")
-def release(runtime: RuntimeDep, user: CheckedFetch, case_id: str) -> dict[str, Any]:
+def release(runtime: RuntimeDep, user: RadiologistFetch, case_id: str) -> dict[str, Any]:
     """Release your claim on the case."""
-    _need(user, Role.RADIOLOGIST)
     with transaction(runtime.factory) as session:
         case = reading.release(session, principal=user.principal, case_id=case_id)
         return {"case_id": case.id, "claimed": False}
@@ -445,7 +448,7 @@ def release(runtime: RuntimeDep, user: CheckedFetch, case_id: str) -> dict[str, 
 @router.post("/web/cases/{case_id}/read")
 def submit_read(
     runtime: RuntimeDep,
-    user: CheckedUser,
+    user: RadiologistForm,
     case_id: str,
     finding: Annotated[str, Form()] = "",
     agreement: Annotated[str, Form()] = "",
@@ -453,7 +456,6 @@ def submit_read(
     note: Annotated[str, Form(max_length=2000)] = "",
 ) -> Response:
     """Record the final read: agree with the AI, or override it with a reason code."""
-    _need(user, Role.RADIOLOGIST)
     try:
         body = ReadCreate.model_validate(
             {
@@ -474,14 +476,13 @@ def submit_read(
 @router.post("/web/cases/{case_id}/priority")
 def reprioritise(
     runtime: RuntimeDep,
-    user: CheckedUser,
+    user: RadiologistForm,
     case_id: str,
     tier: Annotated[str, Form()] = "",
     reason: Annotated[str, Form()] = "",
     note: Annotated[str, Form(max_length=2000)] = "",
 ) -> Response:
     """Move the case to another tier, with a reason."""
-    _need(user, Role.RADIOLOGIST)
     try:
         body = PriorityChange.model_validate({"tier": tier, "reason": reason, "note": note or None})
     except ValidationError as exc:
@@ -497,18 +498,16 @@ def reprioritise(
 
 
 @router.post("/web/appeals/{appeal_id}/take")
-def take_appeal(runtime: RuntimeDep, user: CheckedUser, appeal_id: Id) -> Response:
+def take_appeal(runtime: RuntimeDep, user: RadiologistForm, appeal_id: Id) -> Response:
     """Take an open appeal as its second reader."""
-    _need(user, Role.RADIOLOGIST)
     with transaction(runtime.factory) as session:
         appeals.take_appeal(session, principal=user.principal, appeal_id=appeal_id)
     return _back(f"/web/appeals/{appeal_id}")
 
 
 @router.get("/web/appeals/{appeal_id}", response_class=HTMLResponse)
-def appeal_page(request: Request, runtime: RuntimeDep, user: CurrentUser, appeal_id: Id) -> HTMLResponse:
+def appeal_page(request: Request, runtime: RuntimeDep, user: RadiologistPage, appeal_id: Id) -> HTMLResponse:
     """The second reader's blinded view: the study only, no AI score, heat map or first read."""
-    _need(user, Role.RADIOLOGIST)
     with transaction(runtime.factory) as session:
         appeal, case = appeals.blinded_view(session, principal=user.principal, appeal_id=appeal_id)
     return _page(
@@ -523,9 +522,8 @@ def appeal_page(request: Request, runtime: RuntimeDep, user: CurrentUser, appeal
 
 
 @router.get("/web/appeals/{appeal_id}/image.png")
-def appeal_image(runtime: RuntimeDep, user: CurrentUser, appeal_id: Id) -> Response:
+def appeal_image(runtime: RuntimeDep, user: RadiologistPage, appeal_id: Id) -> Response:
     """The study as a grey PNG for the assigned second reader."""
-    _need(user, Role.RADIOLOGIST)
     with transaction(runtime.factory) as session:
         _, case = appeals.blinded_view(session, principal=user.principal, appeal_id=appeal_id)
     return _private_png(imaging.case_png(case, runtime.settings))
@@ -534,14 +532,13 @@ def appeal_image(runtime: RuntimeDep, user: CurrentUser, appeal_id: Id) -> Respo
 @router.post("/web/appeals/{appeal_id}/decision")
 def decide_appeal(
     runtime: RuntimeDep,
-    user: CheckedUser,
+    user: RadiologistForm,
     appeal_id: Id,
     finding: Annotated[str, Form()] = "",
     outcome: Annotated[str, Form()] = "",
     rationale: Annotated[str, Form(max_length=4000)] = "",
 ) -> Response:
     """Record the second read and the outcome for the clinic."""
-    _need(user, Role.RADIOLOGIST)
     try:
         body = AppealDecision.model_validate({"finding": finding, "outcome": outcome, "rationale": rationale})
     except ValidationError as exc:
@@ -555,9 +552,8 @@ def decide_appeal(
 
 
 @router.get("/web/clinic", response_class=HTMLResponse)
-def clinic_page(request: Request, runtime: RuntimeDep, user: CurrentUser) -> HTMLResponse:
+def clinic_page(request: Request, runtime: RuntimeDep, user: UploaderPage) -> HTMLResponse:
     """A clinic's cases and their status, its appeals and their outcomes."""
-    _need(user, Role.UPLOADER)
     with transaction(runtime.factory) as session:
         rows = cases.worklist(session, principal=user.principal, limit=500)
         filed = appeals.list_appeals(session, principal=user.principal)
@@ -577,14 +573,13 @@ def clinic_page(request: Request, runtime: RuntimeDep, user: CurrentUser) -> HTM
 @router.post("/web/appeals")
 def file_appeal(
     runtime: RuntimeDep,
-    user: CheckedUser,
+    user: UploaderForm,
     case_id: Annotated[str, Form()] = "",
     category: Annotated[str, Form()] = "",
     grounds: Annotated[str, Form(max_length=4000)] = "",
     contact_reference: Annotated[str, Form(max_length=100)] = "",
 ) -> Response:
     """File an appeal on one of the clinic's cases."""
-    _need(user, Role.UPLOADER)
     try:
         body = AppealCreate.model_validate(
             {
@@ -613,13 +608,12 @@ def file_appeal(
 def audit_desk(
     request: Request,
     runtime: RuntimeDep,
-    user: CurrentUser,
+    user: AuditorPage,
     reason: Annotated[str | None, Query(max_length=40)] = None,
     reader: Annotated[str | None, Query(pattern=r"^[0-9]{0,9}$")] = None,
     model: Annotated[str | None, Query(max_length=100)] = None,
 ) -> HTMLResponse:
     """The auditor's desk: overrides (filterable) and appeals."""
-    _need(user, Role.AUDITOR)
     reason, model = reason or None, model or None
     reader_id = int(reader) if reader else None  # the filter form sends "" for "any"
     with transaction(runtime.factory) as session:
@@ -656,13 +650,12 @@ def audit_desk(
 def audit_log(
     request: Request,
     runtime: RuntimeDep,
-    user: CurrentUser,
+    user: AuditorPage,
     action: Annotated[str | None, Query(max_length=60)] = None,
     object_type: Annotated[str | None, Query(max_length=40)] = None,
     after_seq: Seq = 0,
 ) -> HTMLResponse:
     """The audit log, with the chain verified now and the last signed checkpoint."""
-    _need(user, Role.AUDITOR)
     action, object_type = action or None, object_type or None
     with transaction(runtime.factory) as session:
         events: list[AuditEvent] = list(
@@ -738,10 +731,9 @@ def _charts(
 
 @router.get("/web/audit/monitoring", response_class=HTMLResponse)
 def monitoring_page(
-    request: Request, runtime: RuntimeDep, user: CurrentUser, days: Annotated[int, Query(ge=1, le=365)] = 30
+    request: Request, runtime: RuntimeDep, user: AuditorPage, days: Annotated[int, Query(ge=1, le=365)] = 30
 ) -> HTMLResponse:
     """Model monitoring: override rate over time, AUROC, calibration, time to first read."""
-    _need(user, Role.AUDITOR)
     until = datetime.now(UTC)
     window = monitoring.Window(until - timedelta(days=days), until)
     with transaction(runtime.factory) as session:
@@ -762,9 +754,8 @@ def monitoring_page(
 
 
 @router.get("/web/admin", response_class=HTMLResponse)
-def admin_page(request: Request, runtime: RuntimeDep, user: CurrentUser) -> HTMLResponse:
+def admin_page(request: Request, runtime: RuntimeDep, user: AdminPage) -> HTMLResponse:
     """Admins manage users and keys through the CLI and API; this page says so."""
-    _need(user, Role.ADMIN)
     with runtime.reads() as session:
         users = list(session.execute(select(User).order_by(User.name)).scalars())
         open_query = select(Appeal).where(Appeal.status == AppealStatus.OPEN)

@@ -38,6 +38,9 @@ from triage_api.worker import Worker, load_model
 
 log = logging.getLogger("triage")
 
+FIRST_ADMIN_KEY = "first-admin.key"
+"""Where the bootstrap admin's key is written (in ``secret_dir``), never to stdout: a
+journal keeps stdout for anyone in the ``systemd-journal`` group."""
 MULTIPART_OVERHEAD = 64 * 1024
 UPLOAD_PATHS = frozenset({"/v1/studies"})
 """Routes that take a study's bytes; every other body is capped at ``max_json_bytes``."""
@@ -164,6 +167,28 @@ class SecurityHeaders:
         await self.app(scope, receive, with_headers)
 
 
+KEY_PARAMETERS = (b"trg_", b"api_key=", b"apikey=", b"access_token=", b"token=", b"key=")
+
+
+class NoKeysInUrls:
+    """Refuse (400) a request whose query string carries an API key, and blank the query
+    string first: the server's access log prints the scope's URL, and a key must never
+    reach a log (a refused one still works until it is revoked)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        query = scope.get("query_string", b"").lower() if scope["type"] == "http" else b""
+        if any(marker in query for marker in KEY_PARAMETERS):
+            scope["query_string"] = b""  # in place: uvicorn logs this very dict
+            await _refuse(
+                400, "key_in_url", "send the API key in the Authorization header, never in the URL"
+            )(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def read_or_create_secret(path: Path, size: int = 32) -> bytes:
     """A site secret kept outside the database, created once with mode 0600."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -241,7 +266,10 @@ def create_app(settings: Settings) -> FastAPI:
         )
         key = bootstrap_admin(factory)
         if key is not None:
-            print(f"Created the first admin. Its API key, shown once:\n{key}", flush=True)
+            path = settings.secret_dir / FIRST_ADMIN_KEY
+            settings.secret_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            write_atomically(path, f"{key}\n".encode(), mode=0o600)
+            print(f"Created the first admin. Its API key is in {path} (mode 0600).", flush=True)
         app.state.runtime = Runtime(
             settings,
             engine,
@@ -300,7 +328,8 @@ def create_app(settings: Settings) -> FastAPI:
     )
     install_handlers(app)
     app.add_middleware(BodyGate, settings=settings)
-    app.add_middleware(SecurityHeaders)  # outermost: it also marks the gate's refusals
+    app.add_middleware(NoKeysInUrls)
+    app.add_middleware(SecurityHeaders)  # outermost: it also marks the other refusals
     for router in api.ROUTERS:
         app.include_router(router)
     web_views.install(app)

@@ -30,7 +30,15 @@ def _serve(args: argparse.Namespace) -> int:
     run_worker = None if args.workers is None else args.workers > 0
     overrides = {"host": args.host, "port": args.port, "run_worker": run_worker}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    # Idle keep-alive connections close after 5 s, so slow or idle clients cannot hold them.
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=30,
+    )
     return 0
 
 

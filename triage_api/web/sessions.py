@@ -220,6 +220,28 @@ def logout(session: Session, *, token: str, user: WebUser) -> None:
     )
 
 
+def login_token(site_key: bytes) -> str:
+    """A pre-session CSRF token for the login form: a nonce and its HMAC under a site key.
+
+    The double-submit cookie alone can be planted by anyone who can set a cookie for the
+    host (a sibling subdomain, a plain-http hop); a token the server MACed cannot be minted
+    by them, so the login form only accepts tokens this site issued.
+    """
+    nonce = secrets.token_hex(16)
+    return nonce + _login_mac(site_key, nonce)  # 128-bit nonce, 128-bit MAC: 64 hex digits
+
+
+def _login_mac(site_key: bytes, nonce: str) -> str:
+    return hmac.new(site_key, b"login-csrf:" + nonce.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def login_token_ok(site_key: bytes, cookie: str | None, given: str | None) -> bool:
+    """The form's token equals the cookie's and was issued by this site (constant time)."""
+    if not cookie or not given or len(cookie) != 64 or not csrf_ok(cookie, given):
+        return False
+    return hmac.compare_digest(_login_mac(site_key, cookie[:32]).encode(), cookie[32:].encode())
+
+
 def csrf_ok(expected: str, given: str | None) -> bool:
     """Constant-time comparison of the session's CSRF token with the one a request sent."""
     return given is not None and hmac.compare_digest(expected.encode(), given.encode())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -227,9 +226,9 @@ def _names(session: Any, model: type[User] | type[Clinic], ids: set[int]) -> dic
 
 
 @router.get("/login", response_class=HTMLResponse)
-def login_form(request: Request, error: str | None = None) -> HTMLResponse:
-    """The login page; a pre-session CSRF token guards the form (double-submit cookie)."""
-    token = secrets.token_hex(32)
+def login_form(request: Request, runtime: RuntimeDep, error: str | None = None) -> HTMLResponse:
+    """The login page; a pre-session CSRF token the server MACed guards the form."""
+    token = sessions.login_token(runtime.pseudonym_key)
     response = _page(request, "login.html", None, token=token, error=error)
     response.set_cookie(
         LOGIN_COOKIE,
@@ -252,7 +251,7 @@ def login(
     login_cookie: Annotated[str | None, Cookie(alias=LOGIN_COOKIE)] = None,
 ) -> Response:
     """Check the password and open a session."""
-    if not login_cookie or not sessions.csrf_ok(login_cookie, csrf_token):
+    if not sessions.login_token_ok(runtime.pseudonym_key, login_cookie, csrf_token):
         raise CsrfRefused("the login form expired; reload the page and try again")
     with transaction(runtime.factory) as session:
         outcome = sessions.login(

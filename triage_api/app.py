@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from audit.checkpoint import Checkpointer
+from audit.checkpoint import ChainBroken, Checkpointer
 from audit.log import EventCode, record
 from triage_api import api, auth, ingest, monitoring, outbox
 from triage_api.auth import Role
@@ -219,6 +219,22 @@ def bootstrap_admin(factory: sessionmaker[Session]) -> str | None:
         return None
 
 
+def _audit_files_apart(settings: Settings) -> None:
+    """Refuse to start with the audit signing key or checkpoint copy inside the data
+    directory, unless ``audit_key_in_data_dir`` allows it.
+
+    Raises:
+        RuntimeError: one of them is inside ``data_dir``.
+    """
+    data = settings.data_dir.resolve()
+    for name, path in (("audit key", settings.audit_key_path), ("checkpoint copy", settings.audit_copy_path)):
+        if path.resolve().is_relative_to(data) and not settings.audit_key_in_data_dir:
+            raise RuntimeError(
+                f"the {name} is inside the data directory: set TRIAGE_AUDIT_KEY_FILE / "
+                "TRIAGE_AUDIT_CHECKPOINT_COPY elsewhere, or TRIAGE_AUDIT_KEY_IN_DATA_DIR=1 (tests only)"
+            )
+
+
 def _periodic(
     stop: threading.Event, interval: float, name: str, task: Callable[[], None]
 ) -> threading.Thread:
@@ -279,6 +295,7 @@ def create_app(settings: Settings) -> FastAPI:
             read_or_create_secret(settings.secret_dir / "pseudonym.key"),
             ClinicRateLimiter(settings.uploads_per_minute, settings.upload_burst),
         )
+        _audit_files_apart(settings)
         checkpointer = Checkpointer(
             factory,
             key_path=settings.audit_key_path,
@@ -288,6 +305,10 @@ def create_app(settings: Settings) -> FastAPI:
             copy_path=settings.audit_copy_path,
         )
         _ = checkpointer.key  # an unusable key fails the start, not the first checkpoint
+        try:
+            checkpointer.run_once(force=True)  # sign the last run's final events at once
+        except ChainBroken as exc:  # the service still starts; verify names the break
+            log.error("audit chain broken, not signing: %s", exc.reason)
         stop = threading.Event()
         threads = [
             _periodic(

@@ -25,7 +25,7 @@ from audit.checkpoint import ChainBroken, Checkpointer
 from audit.log import EventCode, record
 from triage_api import api, auth, ingest, monitoring, outbox
 from triage_api.auth import Role
-from triage_api.blobs import write_atomically
+from triage_api.blobs import make_private, write_atomically
 from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
 from triage_api.deps import Runtime
 from triage_api.errors import TriageError, error_body, install_handlers
@@ -271,7 +271,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ingest.quiet_pydicom()
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        make_private(settings.data_dir)
         engine = make_engine(settings.sqlalchemy_url)
         migrate(engine)
         factory = make_sessionmaker(engine)

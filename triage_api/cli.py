@@ -16,6 +16,7 @@ from pathlib import Path
 from audit.log import EventCode, record
 from models import cli as models_cli
 from triage_api import audit_cli, auth
+from triage_api.blobs import PRIVATE_UMASK
 from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
 from triage_api.errors import NotPermitted
 from triage_api.ingest import quiet_pydicom
@@ -207,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     args = build_parser().parse_args(argv)
+    os.umask(PRIVATE_UMASK)  # every file any command writes (database, blobs, exports) is private
     try:
         return int(args.func(args))
     except NotPermitted as exc:

@@ -97,7 +97,11 @@ class Settings(BaseSettings):
     """Mark the session cookie Secure even when the app sees plain http (TLS ends at a proxy);
     it is always Secure when the request itself is https."""
     web_login_failures: int = Field(5, ge=1)
-    """Failed logins per username within ``web_login_window_minutes`` before it is throttled."""
+    """Failed logins per (username, source address) within ``web_login_window_minutes``
+    before that pair is throttled."""
+    web_login_ceiling: int = Field(100, ge=1)
+    """Failed logins from everyone together within the window before every pair that has
+    not signed in successfully lately is throttled too."""
     web_login_window_minutes: float = Field(15, gt=0)
 
     @model_validator(mode="after")

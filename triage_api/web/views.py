@@ -109,8 +109,8 @@ class PollAudit:
 class WebState:
     """Per-process web state: the login throttle and the worklist polls' audit memory."""
 
-    def __init__(self, failures: int, window_minutes: float) -> None:
-        self.throttle = LoginThrottle(failures, window_minutes * 60)
+    def __init__(self, failures: int, window_minutes: float, ceiling: int) -> None:
+        self.throttle = LoginThrottle(failures, window_minutes * 60, ceiling)
         self.polls = PollAudit(REAUDIT_SECONDS)
 
 
@@ -118,7 +118,11 @@ def _state(request: Request) -> WebState:
     state: WebState | None = getattr(request.app.state, "web", None)
     if state is None:
         runtime: Runtime = request.app.state.runtime
-        state = WebState(runtime.settings.web_login_failures, runtime.settings.web_login_window_minutes)
+        state = WebState(
+            runtime.settings.web_login_failures,
+            runtime.settings.web_login_window_minutes,
+            runtime.settings.web_login_ceiling,
+        )
         request.app.state.web = state
     return state
 
@@ -258,6 +262,7 @@ def login(
             session,
             name=username,
             password=password,
+            source=request.client.host if request.client else "-",
             throttle=_state(request).throttle,
             settings=runtime.settings,
         )

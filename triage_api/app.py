@@ -271,6 +271,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ingest.quiet_pydicom()
+        _audit_files_apart(settings)  # before anything opens: a refused start leaks nothing
         make_private(settings.data_dir)
         engine = make_engine(settings.sqlalchemy_url)
         migrate(engine)
@@ -295,7 +296,6 @@ def create_app(settings: Settings) -> FastAPI:
             read_or_create_secret(settings.secret_dir / "pseudonym.key"),
             ClinicRateLimiter(settings.uploads_per_minute, settings.upload_burst),
         )
-        _audit_files_apart(settings)
         checkpointer = Checkpointer(
             factory,
             key_path=settings.audit_key_path,

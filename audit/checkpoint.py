@@ -300,6 +300,10 @@ class Checkpointer:
                 append_copy(self.copy_path, line)
             except OSError as exc:
                 log.error("audit checkpoint copy not written (%s)", type(exc).__name__)
+        if line is not None:
+            # A third copy, in the system log (journald, syslog): a place the service's
+            # own user cannot rewrite.
+            log.info("audit checkpoint %s", line.decode().strip())
         return checkpoint
 
     def run(self, stop: threading.Event) -> None:

@@ -118,7 +118,11 @@ def test_serve_end_to_end_on_loopback(tmp_path: Path, database_url: str, tiny_bu
     with start_server(env) as server:
         try:
             lines = read_until(server, "Uvicorn running on")
-            admin_key = lines[lines.index("Created the first admin. Its API key, shown once:") + 1]
+            told = next(line for line in lines if line.startswith("Created the first admin."))
+            key_file = Path(told.split(" is in ", 1)[1].removesuffix(" (mode 0600)."))
+            assert key_file.stat().st_mode & 0o777 == 0o600
+            admin_key = key_file.read_text().strip()
+            assert admin_key not in "\n".join(lines)
             base = f"http://127.0.0.1:{port}"
             with httpx.Client(base_url=base, timeout=30) as http:
                 made = http.post(
@@ -153,7 +157,7 @@ def test_serve_end_to_end_on_loopback(tmp_path: Path, database_url: str, tiny_bu
     with start_server(env) as again:
         try:
             lines = read_until(again, "Uvicorn running on")
-            assert not any("shown once" in line for line in lines)
+            assert not any("first admin" in line for line in lines)
         finally:
             stop(again)
 

@@ -11,53 +11,102 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+import anyio
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from audit.checkpoint import Checkpointer
+from audit.checkpoint import ChainBroken, Checkpointer
 from audit.log import EventCode, record
 from triage_api import api, auth, ingest, live, monitoring, outbox, webhooks
 from triage_api.auth import Role
-from triage_api.blobs import write_atomically
+from triage_api.blobs import make_private, write_atomically
 from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
 from triage_api.deps import Runtime
 from triage_api.dicom import sr
 from triage_api.dicom.listener import StorageListener
-from triage_api.errors import error_body, install_handlers
+from triage_api.errors import TriageError, error_body, install_handlers
 from triage_api.ratelimit import ClinicRateLimiter
 from triage_api.settings import Settings
 from triage_api.tables import User
+from triage_api.web import sessions
 from triage_api.web import views as web_views
 from triage_api.worker import Worker, load_model
 
 log = logging.getLogger("triage")
 
+FIRST_ADMIN_KEY = "first-admin.key"
+"""Where the bootstrap admin's key is written (in ``secret_dir``), never to stdout: a
+journal keeps stdout for anyone in the ``systemd-journal`` group."""
 MULTIPART_OVERHEAD = 64 * 1024
+UPLOAD_PATHS = frozenset({"/v1/studies", "/dicom-web/studies"})
+"""Routes that take a study's bytes; every other body is capped at ``max_json_bytes``."""
+OPEN_PATHS = frozenset({"/login"})
+"""The only route that takes a body from a caller who has no credential yet."""
+BODILESS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-class BodyLimit:
-    """Answer 413 for bodies over ``limit`` bytes: at once if Content-Length says so, and
-    while streaming if the client lies or sends chunks."""
+def _refuse(status: int, code: str, message: str) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+
+def _credential_valid(runtime: Runtime, scope: Scope) -> bool:
+    """Whether the request carries a live API key or web session (one indexed lookup)."""
+    headers = dict(scope["headers"])
+    authorization = headers.get(b"authorization", b"").decode("latin-1")
+    with runtime.reads() as session:
+        if authorization.startswith("Bearer "):
+            try:
+                auth.authenticate(session, authorization.removeprefix("Bearer ").strip())
+            except TriageError:
+                return False
+            return True
+        token = cookie_parser(headers.get(b"cookie", b"").decode("latin-1")).get(web_views.COOKIE)
+        user, _ = sessions.peek(session, token=token, settings=runtime.settings)
+        return user is not None
+
+
+class BodyGate:
+    """Before a byte of a request body is read: the caller must hold a credential, and the
+    body must fit its route's cap (413 at once if Content-Length says so, and while
+    streaming if the client lies or sends chunks).
+
+    FastAPI reads and parses a body before it runs the route's dependencies, so without
+    this gate an anonymous client could make the service buffer and parse (on the event
+    loop) a body of any size. The credential is checked again, with its role, by the
+    route's own dependency; here it only decides whether the body is read at all.
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
-        self.limit = limit
+        self.upload_limit = settings.max_upload_bytes + MULTIPART_OVERHEAD
+        self.limit = settings.max_json_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] in BODILESS:
             await self.app(scope, receive, send)
             return
+        limit = self.upload_limit if scope["path"] in UPLOAD_PATHS else self.limit
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            response = JSONResponse(
-                error_body("body_too_large", f"request body over {self.limit} bytes"), status_code=413
-            )
-            await response(scope, receive, send)
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            await _refuse(413, "body_too_large", f"request body over {limit} bytes")(scope, receive, send)
+            return
+        runtime: Runtime | None = getattr(scope["app"].state, "runtime", None)
+        if scope["path"] not in OPEN_PATHS and (
+            runtime is None or not await anyio.to_thread.run_sync(_credential_valid, runtime, scope)
+        ):
+            refusal: Response = _refuse(401, "not_authenticated", "sign in or send a valid API key first")
+            if not scope["path"].startswith(("/v1/", "/dicom-web/")) and b"x-csrf-token" not in dict(
+                scope["headers"]
+            ):
+                refusal = RedirectResponse("/login", status_code=303)  # a browser's form post
+            await refusal(scope, receive, send)
             return
         seen = 0
 
@@ -65,11 +114,83 @@ class BodyLimit:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise StarletteHTTPException(413, f"request body over {self.limit} bytes")
+            if seen > limit:
+                raise StarletteHTTPException(413, f"request body over {limit} bytes")
             return message
 
         await self.app(scope, limited, send)
+
+
+PAGE_POLICY = "; ".join(
+    (
+        "default-src 'self'",
+        "img-src 'self' data:",
+        "object-src 'none'",
+        "base-uri 'none'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    )
+)
+"""The pages load scripts, styles and images from this origin only (no inline code), and
+no other site may frame them."""
+SECURITY_HEADERS = (
+    (b"content-security-policy", PAGE_POLICY.encode()),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+)
+PUBLIC_PREFIXES = ("/static/",)
+"""Paths that never carry patient data; every other response may, and is never stored."""
+
+
+class SecurityHeaders:
+    """Set the browser-protection headers on every response, and ``Cache-Control:
+    no-store`` on every response that may carry patient data (replacing a route's own)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        private = not scope["path"].startswith(PUBLIC_PREFIXES)
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                names = {name for name, _ in SECURITY_HEADERS}
+                if private:
+                    names.add(b"cache-control")
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in names]
+                headers += SECURITY_HEADERS
+                if private:
+                    headers.append((b"cache-control", b"no-store"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+KEY_PARAMETERS = (b"trg_", b"api_key=", b"apikey=", b"access_token=", b"token=", b"key=")
+
+
+class NoKeysInUrls:
+    """Refuse (400) a request whose query string carries an API key, and blank the query
+    string first: the server's access log prints the scope's URL, and a key must never
+    reach a log (a refused one still works until it is revoked)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        query = scope.get("query_string", b"").lower() if scope["type"] == "http" else b""
+        if any(marker in query for marker in KEY_PARAMETERS):
+            scope["query_string"] = b""  # in place: uvicorn logs this very dict
+            await _refuse(
+                400, "key_in_url", "send the API key in the Authorization header, never in the URL"
+            )(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 def read_or_create_secret(path: Path, size: int = 32) -> bytes:
@@ -100,6 +221,22 @@ def bootstrap_admin(factory: sessionmaker[Session]) -> str | None:
             return key
     except IntegrityError:  # another process bootstrapped at the same moment
         return None
+
+
+def _audit_files_apart(settings: Settings) -> None:
+    """Refuse to start with the audit signing key or checkpoint copy inside the data
+    directory, unless ``audit_key_in_data_dir`` allows it.
+
+    Raises:
+        RuntimeError: one of them is inside ``data_dir``.
+    """
+    data = settings.data_dir.resolve()
+    for name, path in (("audit key", settings.audit_key_path), ("checkpoint copy", settings.audit_copy_path)):
+        if path.resolve().is_relative_to(data) and not settings.audit_key_in_data_dir:
+            raise RuntimeError(
+                f"the {name} is inside the data directory: set TRIAGE_AUDIT_KEY_FILE / "
+                "TRIAGE_AUDIT_CHECKPOINT_COPY elsewhere, or TRIAGE_AUDIT_KEY_IN_DATA_DIR=1 (tests only)"
+            )
 
 
 def _periodic(
@@ -151,7 +288,8 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ingest.quiet_pydicom()
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        _audit_files_apart(settings)  # before anything opens: a refused start leaks nothing
+        make_private(settings.data_dir)
         engine = make_engine(settings.sqlalchemy_url)
         migrate(engine)
         factory = make_sessionmaker(engine)
@@ -162,7 +300,10 @@ def create_app(settings: Settings) -> FastAPI:
         )
         key = bootstrap_admin(factory)
         if key is not None:
-            print(f"Created the first admin. Its API key, shown once:\n{key}", flush=True)
+            path = settings.secret_dir / FIRST_ADMIN_KEY
+            settings.secret_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            write_atomically(path, f"{key}\n".encode(), mode=0o600)
+            print(f"Created the first admin. Its API key is in {path} (mode 0600).", flush=True)
         app.state.runtime = Runtime(
             settings,
             engine,
@@ -181,6 +322,10 @@ def create_app(settings: Settings) -> FastAPI:
             copy_path=settings.audit_copy_path,
         )
         _ = checkpointer.key  # an unusable key fails the start, not the first checkpoint
+        try:
+            checkpointer.run_once(force=True)  # sign the last run's final events at once
+        except ChainBroken as exc:  # the service still starts; verify names the break
+            log.error("audit chain broken, not signing: %s", exc.reason)
         stop = threading.Event()
         senders = outbox_senders(settings, factory)
         app.state.live_feed = feed = live.Feed()
@@ -238,7 +383,9 @@ def create_app(settings: Settings) -> FastAPI:
         redoc_url=None,
     )
     install_handlers(app)
-    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)
+    app.add_middleware(BodyGate, settings=settings)
+    app.add_middleware(NoKeysInUrls)
+    app.add_middleware(SecurityHeaders)  # outermost: it also marks the other refusals
     for router in api.ROUTERS:
         app.include_router(router)
     web_views.install(app)

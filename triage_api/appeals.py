@@ -1,6 +1,8 @@
 """Appeals: a clinic asks, for its patient, for an independent and blinded second read.
 
-The second reader is a radiologist of the case's clinic who did not make the first read.
+The second reader is a radiologist of the case's clinic who has never opened the case
+unblinded (its page, score, image, heat map, claim or read): the audit log knows, since
+every such access is recorded against the case.
 While assigned, they see the case only through the appeal, without the AI score and
 without the first read; their read and the outcome go back to the clinic. Admins and
 auditors can see appeals but not decide them. Everything is audited.
@@ -13,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from audit.log import EventCode, record
+from audit.log import AuditEvent, EventCode, record
 from triage_api.auth import Principal, Role
 from triage_api.cases import scoped_case
 from triage_api.errors import Conflict, InvalidRequest, NotFound
@@ -116,6 +118,28 @@ def file_appeal(
     return appeal
 
 
+def has_opened(session: Session, *, reader_id: int, case_id: str) -> bool:
+    """Whether the user has touched the case outside an appeal: any audit event about the
+    case by them (view, image, heat map, claim, read, reprioritisation).
+
+    Returns:
+        True if such an event exists; the appeal's own blinded views are appeal events,
+        so they do not count.
+    """
+    return (
+        session.execute(
+            select(AuditEvent.seq)
+            .where(
+                AuditEvent.object_type == "case",
+                AuditEvent.object_id == case_id,
+                AuditEvent.actor == f"user:{reader_id}",
+            )
+            .limit(1)
+        ).first()
+        is not None
+    )
+
+
 def _assign(session: Session, appeal: Appeal, reader: User) -> None:
     if appeal.status != AppealStatus.OPEN:
         raise Conflict(f"the appeal is {appeal.status}")
@@ -126,6 +150,10 @@ def _assign(session: Session, appeal: Appeal, reader: User) -> None:
     first = primary_read(session, appeal.case_id)
     if first is not None and first.reader_id == reader.id:
         raise Conflict("the first reader cannot be the appeal's second reader")
+    if has_opened(session, reader_id=reader.id, case_id=appeal.case_id):
+        raise Conflict(
+            "this reader has already opened the case (score, image or read), so cannot read it blinded"
+        )
     appeal.assigned_to, appeal.status = reader.id, AppealStatus.ASSIGNED
 
 

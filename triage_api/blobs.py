@@ -14,6 +14,21 @@ import os
 import uuid
 from pathlib import Path
 
+PRIVATE_UMASK = 0o077
+
+
+def make_private(data_dir: Path) -> None:
+    """From now on this process creates files 0600 and folders 0700, and ``data_dir``
+    (created if absent) is 0700: studies, heat maps, the database and its WAL are readable
+    by the service's user only, whatever the umask it was started with.
+
+    The unit file sets ``UMask=0077`` too; this covers a manual start and files made
+    before the first write here.
+    """
+    os.umask(PRIVATE_UMASK)
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    data_dir.chmod(0o700)
+
 
 def blob_path(blob_dir: Path, digest: str) -> Path:
     """Where the blob with sha256 ``digest`` is stored."""

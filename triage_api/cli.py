@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from audit.log import EventCode, record
 from models import cli as models_cli
 from triage_api import audit_cli, auth
+from triage_api.blobs import PRIVATE_UMASK
 from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
 from triage_api.errors import NotPermitted
 from triage_api.ingest import quiet_pydicom
@@ -45,7 +46,15 @@ def _serve(args: argparse.Namespace) -> int:
     run_worker = None if args.workers is None else args.workers > 0
     overrides = {"host": args.host, "port": args.port, "run_worker": run_worker}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    # Idle keep-alive connections close after 5 s, so slow or idle clients cannot hold them.
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=30,
+    )
     return 0
 
 
@@ -620,6 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     args = build_parser().parse_args(argv)
+    os.umask(PRIVATE_UMASK)  # every file any command writes (database, blobs, exports) is private
     config: Path | None = args.config or (SITE_CONFIG if SITE_CONFIG.is_file() else None)
     if config is not None:
         try:

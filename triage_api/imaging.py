@@ -203,8 +203,9 @@ def heatmap_png(case: Case, settings: Settings) -> bytes:
     return png
 
 
-def image_case(session: Session, *, principal: Principal, case_id: str) -> Case:
-    """The case whose picture the caller may see unblinded; audited like the image route."""
+def image_case(session: Session, *, principal: Principal, case_id: str, original: bool = False) -> Case:
+    """The case whose picture the caller may see unblinded; audited like the image route
+    (``original``: the stored bytes, with the patient's identity, rather than pixels)."""
     case = unblinded_case(session, principal, case_id)
     record(
         session,
@@ -213,6 +214,7 @@ def image_case(session: Session, *, principal: Principal, case_id: str) -> Case:
         code=EventCode.ACCESS,
         object_type="case",
         object_id=case.id,
+        details={"original": True} if original else None,
     )
     return case
 

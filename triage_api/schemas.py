@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from triage_api.auth import Role
+from triage_api.params import Id
 from triage_api.tables import Case, Prediction, Read
 from triage_api.vocab import (
     AppealCategory,
@@ -68,12 +70,16 @@ class CaseRead(WorklistItem):
     read: ReadOut | None
 
 
+ClinicName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$")]
+"""A clinic's name: letters, digits, space, dot, underscore and hyphen, at most 100."""
+
+
 class UserCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._@-]+$")
     role: Role
-    clinics: list[str] = Field(default_factory=list, max_length=100)
+    clinics: list[ClinicName] = Field(default_factory=list, max_length=100)
     password: str | None = Field(
         None, min_length=12, max_length=200, description="Optional web-login password (stored as Argon2id)."
     )
@@ -144,7 +150,7 @@ class AppealCreate(BaseModel):
 class AppealAssign(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    reader_id: int
+    reader_id: Id
 
 
 class AppealDecision(BaseModel):

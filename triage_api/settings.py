@@ -93,6 +93,8 @@ class Settings(BaseSettings):
 
     max_upload_bytes: int = Field(64 * 1024 * 1024, gt=0)
     """Largest request body accepted by ``POST /v1/studies``."""
+    max_json_bytes: int = Field(64 * 1024, gt=0, le=16 * 1024 * 1024)
+    """Largest request body of every other route (JSON and web forms)."""
     max_decoded_bytes: int = Field(256 * 1024 * 1024, gt=0)
     """Pixel budget: Rows x Columns x Frames x Samples x bytes per sample, from the header."""
 
@@ -148,13 +150,21 @@ class Settings(BaseSettings):
     alert_min_reads: int = Field(20, ge=1)
 
     audit_key_file: Path | None = None
-    """Ed25519 key that signs audit checkpoints; empty means ``<data_dir>/secrets/audit-ed25519.key``.
-    Keep it outside the database (and its backups)."""
+    """Ed25519 key that signs audit checkpoints; empty means ``audit-ed25519.key`` in the
+    folder ``triage-audit`` beside the data directory (``/var/lib/triage-audit`` for
+    ``/var/lib/triage``). Keep it off the database's storage and out of its backups."""
     audit_checkpoint_copy: Path | None = None
     """Append-only copy of every checkpoint, outside the database; empty means
-    ``audit-checkpoints.jsonl`` next to the key file. Back it up apart from the database."""
-    audit_checkpoint_events: int = Field(1000, ge=1)
-    audit_checkpoint_seconds: float = Field(300, gt=0)
+    ``audit-checkpoints.jsonl`` next to the key file. Back it up apart from the database.
+    Every checkpoint is also logged (logger ``triage.audit``), so it reaches the journal."""
+    audit_key_in_data_dir: bool = False
+    """Allow the key or the copy inside ``data_dir`` (tests, demos). Otherwise the service
+    refuses to start: whoever can write the data directory could then edit events and
+    re-sign them."""
+    audit_checkpoint_events: int = Field(50, ge=1, le=50)
+    """Sign the chain's head at the latest after this many unsigned events..."""
+    audit_checkpoint_seconds: float = Field(5, gt=0, le=5)
+    """...or when the oldest unsigned event is this old (and once at every start)."""
 
     web_idle_minutes: float = Field(30, gt=0)
     """A browser session ends after this long without a request."""
@@ -164,7 +174,11 @@ class Settings(BaseSettings):
     """Mark the session cookie Secure even when the app sees plain http (TLS ends at a proxy);
     it is always Secure when the request itself is https."""
     web_login_failures: int = Field(5, ge=1)
-    """Failed logins per username within ``web_login_window_minutes`` before it is throttled."""
+    """Failed logins per (username, source address) within ``web_login_window_minutes``
+    before that pair is throttled."""
+    web_login_ceiling: int = Field(100, ge=1)
+    """Failed logins from everyone together within the window before every pair that has
+    not signed in successfully lately is throttled too."""
     web_login_window_minutes: float = Field(15, gt=0)
 
     @model_validator(mode="after")
@@ -183,7 +197,7 @@ class Settings(BaseSettings):
 
     @property
     def audit_key_path(self) -> Path:
-        return self.audit_key_file or self.secret_dir / "audit-ed25519.key"
+        return self.audit_key_file or self.data_dir.absolute().parent / "triage-audit" / "audit-ed25519.key"
 
     @property
     def audit_copy_path(self) -> Path:

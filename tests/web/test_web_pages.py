@@ -131,7 +131,8 @@ def test_viewer_override_and_auditor_desk(site: Site, browser: Any) -> None:
     shot(page, "case-viewer")
 
     page.get_by_role("button", name="Claim").click()
-    page.wait_for_function("document.getElementById('claim-state').textContent.includes('dr-north')")
+    # A locator wait, not wait_for_function: the page's CSP forbids evaluating strings.
+    page.locator("#claim-state", has_text="dr-north").wait_for()
 
     # An override without a reason is refused and nothing is saved.
     page.get_by_label("Finding").select_option("normal")

@@ -8,11 +8,11 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from sqlalchemy.orm import Session
 
-from triage_api import appeals
+from triage_api import appeals, imaging
 from triage_api.auth import Principal, Role
-from triage_api.blobs import read_blob
 from triage_api.db import transaction
 from triage_api.deps import Admin, Radiologist, RuntimeDep, Uploader, allow
+from triage_api.params import Id
 from triage_api.schemas import AppealAssign, AppealCreate, AppealDecision, AppealRead, BlindedCase
 from triage_api.tables import Appeal
 from triage_api.vocab import AppealStatus
@@ -54,21 +54,21 @@ def list_appeals(
 
 
 @router.get("/v1/appeals/{appeal_id}", response_model=AppealRead)
-def get_appeal(runtime: RuntimeDep, principal: AnyRole, appeal_id: int) -> AppealRead:
+def get_appeal(runtime: RuntimeDep, principal: AnyRole, appeal_id: Id) -> AppealRead:
     """One appeal, with its outcome once decided."""
     with runtime.reads() as session:
         return _out(session, appeals.visible_appeal(session, principal, appeal_id))
 
 
 @router.post("/v1/appeals/{appeal_id}/take", response_model=AppealRead)
-def take_appeal(runtime: RuntimeDep, principal: Radiologist, appeal_id: int) -> AppealRead:
+def take_appeal(runtime: RuntimeDep, principal: Radiologist, appeal_id: Id) -> AppealRead:
     """Take an open appeal as its second reader (not if you made the first read)."""
     with transaction(runtime.factory) as session:
         return _out(session, appeals.take_appeal(session, principal=principal, appeal_id=appeal_id))
 
 
 @router.post("/v1/appeals/{appeal_id}/assign", response_model=AppealRead)
-def assign_appeal(runtime: RuntimeDep, principal: Admin, appeal_id: int, body: AppealAssign) -> AppealRead:
+def assign_appeal(runtime: RuntimeDep, principal: Admin, appeal_id: Id, body: AppealAssign) -> AppealRead:
     """Assign an open appeal to a radiologist who did not make the first read."""
     with transaction(runtime.factory) as session:
         appeal = appeals.assign_appeal(
@@ -78,7 +78,7 @@ def assign_appeal(runtime: RuntimeDep, principal: Admin, appeal_id: int, body: A
 
 
 @router.get("/v1/appeals/{appeal_id}/case", response_model=BlindedCase)
-def blinded_case(runtime: RuntimeDep, principal: Radiologist, appeal_id: int) -> BlindedCase:
+def blinded_case(runtime: RuntimeDep, principal: Radiologist, appeal_id: Id) -> BlindedCase:
     """The assigned second reader's view of the case: no AI score, no first read."""
     with transaction(runtime.factory) as session:
         appeal, case = appeals.blinded_view(session, principal=principal, appeal_id=appeal_id)
@@ -94,18 +94,20 @@ def blinded_case(runtime: RuntimeDep, principal: Radiologist, appeal_id: int) ->
         )
 
 
-@router.get("/v1/appeals/{appeal_id}/image", response_class=Response)
-def blinded_image(runtime: RuntimeDep, principal: Radiologist, appeal_id: int) -> Response:
-    """The study bytes for the assigned second reader."""
+@router.get(
+    "/v1/appeals/{appeal_id}/image", response_class=Response, responses={200: {"content": {"image/png": {}}}}
+)
+def blinded_image(runtime: RuntimeDep, principal: Radiologist, appeal_id: Id) -> Response:
+    """The study as a grey PNG for the assigned second reader: pixels, without the DICOM
+    header (its identity and any prior report text)."""
     with transaction(runtime.factory) as session:
         _, case = appeals.blinded_view(session, principal=principal, appeal_id=appeal_id)
-        media_type, digest = case.media_type, case.sha256
-    return Response(read_blob(runtime.settings.blob_dir, digest), media_type=media_type)
+    return Response(imaging.case_png(case, runtime.settings), media_type="image/png")
 
 
 @router.post("/v1/appeals/{appeal_id}/decision", response_model=AppealRead)
 def decide_appeal(
-    runtime: RuntimeDep, principal: Radiologist, appeal_id: int, body: AppealDecision
+    runtime: RuntimeDep, principal: Radiologist, appeal_id: Id, body: AppealDecision
 ) -> AppealRead:
     """Record the second read and the outcome that goes back to the clinic."""
     with transaction(runtime.factory) as session:

@@ -6,14 +6,17 @@ Who sees what. An auditor sees, by the object an event is about:
   auditor's clinics;
 - ``worklist``, ``metrics`` (queries): only when the actor is a user granted one of the
   auditor's clinics;
-- ``user``, ``api_key``, ``dataset``, ``audit`` (site security and system events: accounts,
-  keys, exports, audit-log use): always;
+- ``audit`` (someone used the audit log; the event holds their filters, which may name a
+  case, and counts): when the actor is a user whose every clinic is one of the auditor's,
+  so nothing about a clinic reaches an auditor who may not see it; when the actor is not a
+  user (the command line), always;
+- ``user``, ``api_key``, ``dataset`` (site security and system events: accounts, keys,
+  exports): always;
 - anything else: never, until someone classifies it here (closed by default).
 """
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -26,11 +29,12 @@ from triage_api.auth import Principal
 from triage_api.db import transaction
 from triage_api.deps import Auditor, RuntimeDep
 from triage_api.errors import InvalidRequest
+from triage_api.params import Instant, Seq
 from triage_api.tables import Alert, Appeal, Case, UserClinic
 
 router = APIRouter()
 
-SITE_WIDE = ("user", "api_key", "dataset", "audit")
+SITE_WIDE = ("user", "api_key", "dataset")
 """Object types of site security and system events, visible to every auditor."""
 
 
@@ -68,14 +72,22 @@ def visible_to(principal: Principal) -> ColumnElement[bool]:
         A SQL condition (see the module docstring for the rule).
     """
     clinics = sorted(principal.clinic_ids)
-    site_wide = AuditEvent.object_type.in_(SITE_WIDE)
+    site_wide = or_(
+        AuditEvent.object_type.in_(SITE_WIDE),
+        and_(AuditEvent.object_type == "audit", ~AuditEvent.actor.startswith("user:")),
+    )
     if not clinics:
         return site_wide
     members = select(literal("user:") + cast(UserClinic.user_id, String)).where(
         UserClinic.clinic_id.in_(clinics)
     )
+    elsewhere = select(UserClinic.user_id).where(UserClinic.clinic_id.not_in(clinics))
+    only_here = select(literal("user:") + cast(UserClinic.user_id, String)).where(
+        UserClinic.clinic_id.in_(clinics), UserClinic.user_id.not_in(elsewhere)
+    )
     return or_(
         site_wide,
+        and_(AuditEvent.object_type == "audit", AuditEvent.actor.in_(only_here)),
         and_(
             AuditEvent.object_type == "case",
             AuditEvent.object_id.in_(select(Case.id).where(Case.clinic_id.in_(clinics))),
@@ -101,9 +113,9 @@ def read_audit_log(
     object_id: Annotated[str | None, Query(max_length=64)] = None,
     actor: Annotated[str | None, Query(max_length=100)] = None,
     action: Annotated[str | None, Query(max_length=60)] = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    after_seq: Annotated[int, Query(ge=0)] = 0,
+    since: Instant | None = None,
+    until: Instant | None = None,
+    after_seq: Seq = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AuditPage:
     """Audit events in the caller's clinics and site security events, oldest first."""
@@ -111,8 +123,6 @@ def read_audit_log(
         if (object_type not in (None, "case")) or (object_id not in (None, case_id)):
             raise InvalidRequest("case_id contradicts object_type/object_id")
         object_type, object_id = "case", case_id
-    if (since is not None and since.tzinfo is None) or (until is not None and until.tzinfo is None):
-        raise InvalidRequest("since and until need a time zone, e.g. 2026-11-01T00:00:00Z")
     filters: dict[str, Any] = {
         "object_type": object_type,
         "object_id": object_id,

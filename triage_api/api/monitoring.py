@@ -13,6 +13,7 @@ from triage_api import monitoring
 from triage_api.db import transaction
 from triage_api.deps import Auditor, RuntimeDep
 from triage_api.errors import InvalidRequest
+from triage_api.params import Id, Instant
 from triage_api.tables import Alert
 
 router = APIRouter()
@@ -23,15 +24,13 @@ def model_metrics(
     runtime: RuntimeDep,
     principal: Auditor,
     model: Annotated[str | None, Query(max_length=100)] = None,
-    clinic_id: int | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
+    clinic_id: Id | None = None,
+    since: Instant | None = None,
+    until: Instant | None = None,
 ) -> dict[str, Any]:
     """AI against final reads, overrides, appeals, time to read, gating and drift, per model version."""
     until = until or datetime.now(UTC)
     since = since or until - timedelta(days=30)
-    if since.tzinfo is None or until.tzinfo is None:
-        raise InvalidRequest("since and until need a time zone, e.g. 2026-11-01T00:00:00Z")
     if since >= until:
         raise InvalidRequest("since must be before until")
     window = monitoring.Window(since, until)

@@ -59,10 +59,17 @@ def reprioritise(
         return worklist_item(case, bool(golive.shown_cases(session, [case])))
 
 
-@router.get("/v1/studies/{case_id}/image", response_class=Response)
+@router.get(
+    "/v1/studies/{case_id}/image",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}, "application/dicom": {}, "image/jpeg": {}}}},
+)
 def study_image(runtime: RuntimeDep, principal: Reader, case_id: str) -> Response:
-    """The stored study bytes (DICOM, PNG or JPEG) for the viewer."""
+    """The study: the stored original (DICOM with the patient's identity) for radiologists,
+    who read it; a rendered grey PNG (pixels only) for uploaders and auditors."""
+    original = principal.role is Role.RADIOLOGIST
     with transaction(runtime.factory) as session:
-        case = imaging.image_case(session, principal=principal, case_id=case_id)
-        media_type, digest = case.media_type, case.sha256
-    return Response(read_blob(runtime.settings.blob_dir, digest), media_type=media_type)
+        case = imaging.image_case(session, principal=principal, case_id=case_id, original=original)
+    if original:
+        return Response(read_blob(runtime.settings.blob_dir, case.sha256), media_type=case.media_type)
+    return Response(imaging.case_png(case, runtime.settings), media_type="image/png")

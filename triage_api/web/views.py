@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -37,6 +36,7 @@ from triage_api.auth import Principal, Role
 from triage_api.db import transaction
 from triage_api.deps import Runtime, RuntimeDep
 from triage_api.errors import InvalidRequest, NotAuthenticated, TriageError
+from triage_api.params import Id, Seq
 from triage_api.schemas import AppealCreate, AppealDecision, PriorityChange, ReadCreate
 from triage_api.tables import Appeal, Case, Clinic, User
 from triage_api.vocab import (
@@ -109,8 +109,8 @@ class PollAudit:
 class WebState:
     """Per-process web state: the login throttle and the worklist polls' audit memory."""
 
-    def __init__(self, failures: int, window_minutes: float) -> None:
-        self.throttle = LoginThrottle(failures, window_minutes * 60)
+    def __init__(self, failures: int, window_minutes: float, ceiling: int) -> None:
+        self.throttle = LoginThrottle(failures, window_minutes * 60, ceiling)
         self.polls = PollAudit(REAUDIT_SECONDS)
 
 
@@ -118,7 +118,11 @@ def _state(request: Request) -> WebState:
     state: WebState | None = getattr(request.app.state, "web", None)
     if state is None:
         runtime: Runtime = request.app.state.runtime
-        state = WebState(runtime.settings.web_login_failures, runtime.settings.web_login_window_minutes)
+        state = WebState(
+            runtime.settings.web_login_failures,
+            runtime.settings.web_login_window_minutes,
+            runtime.settings.web_login_ceiling,
+        )
         request.app.state.web = state
     return state
 
@@ -226,9 +230,9 @@ def _names(session: Any, model: type[User] | type[Clinic], ids: set[int]) -> dic
 
 
 @router.get("/login", response_class=HTMLResponse)
-def login_form(request: Request, error: str | None = None) -> HTMLResponse:
-    """The login page; a pre-session CSRF token guards the form (double-submit cookie)."""
-    token = secrets.token_hex(32)
+def login_form(request: Request, runtime: RuntimeDep, error: str | None = None) -> HTMLResponse:
+    """The login page; a pre-session CSRF token the server MACed guards the form."""
+    token = sessions.login_token(runtime.pseudonym_key)
     response = _page(request, "login.html", None, token=token, error=error)
     response.set_cookie(
         LOGIN_COOKIE,
@@ -251,13 +255,14 @@ def login(
     login_cookie: Annotated[str | None, Cookie(alias=LOGIN_COOKIE)] = None,
 ) -> Response:
     """Check the password and open a session."""
-    if not login_cookie or not sessions.csrf_ok(login_cookie, csrf_token):
+    if not sessions.login_token_ok(runtime.pseudonym_key, login_cookie, csrf_token):
         raise CsrfRefused("the login form expired; reload the page and try again")
     with transaction(runtime.factory) as session:
         outcome = sessions.login(
             session,
             name=username,
             password=password,
+            source=request.client.host if request.client else "-",
             throttle=_state(request).throttle,
             settings=runtime.settings,
         )
@@ -325,7 +330,7 @@ def worklist_json(
     request: Request,
     runtime: RuntimeDep,
     user: ReaderPage,
-    clinic: int | None = None,
+    clinic: Id | None = None,
     tier: Tier | None = None,
     status: CaseStatus | None = None,
     unread: bool | None = True,
@@ -504,7 +509,7 @@ def reprioritise(
 
 
 @router.post("/web/appeals/{appeal_id}/take")
-def take_appeal(runtime: RuntimeDep, user: RadiologistForm, appeal_id: int) -> Response:
+def take_appeal(runtime: RuntimeDep, user: RadiologistForm, appeal_id: Id) -> Response:
     """Take an open appeal as its second reader."""
     with transaction(runtime.factory) as session:
         appeals.take_appeal(session, principal=user.principal, appeal_id=appeal_id)
@@ -512,7 +517,7 @@ def take_appeal(runtime: RuntimeDep, user: RadiologistForm, appeal_id: int) -> R
 
 
 @router.get("/web/appeals/{appeal_id}", response_class=HTMLResponse)
-def appeal_page(request: Request, runtime: RuntimeDep, user: RadiologistPage, appeal_id: int) -> HTMLResponse:
+def appeal_page(request: Request, runtime: RuntimeDep, user: RadiologistPage, appeal_id: Id) -> HTMLResponse:
     """The second reader's blinded view: the study only, no AI score, heat map or first read."""
     with transaction(runtime.factory) as session:
         appeal, case = appeals.blinded_view(session, principal=user.principal, appeal_id=appeal_id)
@@ -528,7 +533,7 @@ def appeal_page(request: Request, runtime: RuntimeDep, user: RadiologistPage, ap
 
 
 @router.get("/web/appeals/{appeal_id}/image.png")
-def appeal_image(runtime: RuntimeDep, user: RadiologistPage, appeal_id: int) -> Response:
+def appeal_image(runtime: RuntimeDep, user: RadiologistPage, appeal_id: Id) -> Response:
     """The study as a grey PNG for the assigned second reader."""
     with transaction(runtime.factory) as session:
         _, case = appeals.blinded_view(session, principal=user.principal, appeal_id=appeal_id)
@@ -539,7 +544,7 @@ def appeal_image(runtime: RuntimeDep, user: RadiologistPage, appeal_id: int) -> 
 def decide_appeal(
     runtime: RuntimeDep,
     user: RadiologistForm,
-    appeal_id: int,
+    appeal_id: Id,
     finding: Annotated[str, Form()] = "",
     outcome: Annotated[str, Form()] = "",
     rationale: Annotated[str, Form(max_length=4000)] = "",
@@ -626,7 +631,7 @@ def audit_desk(
     runtime: RuntimeDep,
     user: AuditorPage,
     reason: Annotated[str | None, Query(max_length=40)] = None,
-    reader: Annotated[str | None, Query(max_length=12, pattern=r"^[0-9]*$")] = None,
+    reader: Annotated[str | None, Query(pattern=r"^[0-9]{0,9}$")] = None,
     model: Annotated[str | None, Query(max_length=100)] = None,
 ) -> HTMLResponse:
     """The auditor's desk: overrides (filterable) and appeals."""
@@ -671,7 +676,7 @@ def audit_log(
     user: AuditorPage,
     action: Annotated[str | None, Query(max_length=60)] = None,
     object_type: Annotated[str | None, Query(max_length=40)] = None,
-    after_seq: Annotated[int, Query(ge=0)] = 0,
+    after_seq: Seq = 0,
 ) -> HTMLResponse:
     """The audit log, with the chain verified now and the last signed checkpoint."""
     action, object_type = action or None, object_type or None

@@ -30,6 +30,12 @@ compose="$(.venv/bin/python -c 'import compose, pathlib; print(pathlib.Path(comp
 "$compose" -f deploy/compose.yaml -f deploy/compose.gpu.yaml config --quiet
 .venv/bin/kubernetes-validate --strict --quiet deploy/k8s/*.yaml
 install_debian promtool prometheus
+# Real DICOM peers for the DICOM tests: dcmtk, dicom3tools, Orthanc with its DICOMweb plugin.
+install_debian storescu dcmtk
+install_debian dciodvfy dicom3tools
+install_debian Orthanc orthanc
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || install_debian no-such-command orthanc-dicomweb
+install_debian ip iproute2
 promtool check rules deploy/prometheus/triage-rules.yaml
 promtool check config --syntax-only deploy/prometheus/prometheus.yml
 bash -n deploy/check.sh

@@ -432,7 +432,7 @@ def case_heatmap(runtime: RuntimeDep, user: CurrentUser, case_id: str) -> Respon
 def claim(runtime: RuntimeDep, user: RadiologistFetch, case_id: str) -> dict[str, Any]:
     """Claim the case (a fetch from the viewer; CSRF token in the header)."""
     with transaction(runtime.factory) as session:
-        case = reading.claim(session, principal=user.principal, case_id=case_id)
+        case = reading.claim(session, principal=user.principal, case_id=case_id, settings=runtime.settings)
         return {"case_id": case.id, "claimed": True}
 
 

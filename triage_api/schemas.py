@@ -61,6 +61,9 @@ class CaseRead(WorklistItem):
     received_at: datetime
     prediction: PredictionRead | None
     read: ReadOut | None
+    result: ReadOut | None = Field(
+        description="The result that stands now: an appeal's read unless the appeal upheld the first read."
+    )
 
 
 class UserCreate(BaseModel):
@@ -145,8 +148,7 @@ class AppealAssign(BaseModel):
 class AppealDecision(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    finding: Finding
-    outcome: AppealOutcome
+    finding: Finding = Field(description="The second reader's own finding; the outcome is derived from it.")
     rationale: str = Field(min_length=1, max_length=4000)
 
 
@@ -196,7 +198,7 @@ def worklist_item(case: Case) -> WorklistItem:
     )
 
 
-def case_read(case: Case, prediction: Prediction | None, read: Read | None) -> CaseRead:
+def case_read(case: Case, prediction: Prediction | None, read: Read | None, result: Read | None) -> CaseRead:
     return CaseRead(
         **worklist_item(case).model_dump(),
         media_type=case.media_type,
@@ -207,4 +209,5 @@ def case_read(case: Case, prediction: Prediction | None, read: Read | None) -> C
         received_at=case.received_at,
         prediction=PredictionRead.model_validate(prediction, from_attributes=True) if prediction else None,
         read=ReadOut.model_validate(read, from_attributes=True) if read else None,
+        result=ReadOut.model_validate(result, from_attributes=True) if result else None,
     )

@@ -197,9 +197,15 @@ def test_appeal_is_filed_by_the_clinic_and_decided_blinded(site: Site, browser: 
     case_id = site.upload("up-north", 11)
     case = site.wait_scored("up-north", case_id)
     with site.api("dr-north") as api:
+        assert api.post(f"/v1/studies/{case_id}/claim").status_code == 200
         read = api.post(
             f"/v1/studies/{case_id}/reads",
-            json={"finding": "normal", "agrees_with_ai": True, "ai_score_shown": True},
+            json={
+                "finding": "normal",
+                "agrees_with_ai": False,
+                "override_reason": "other",
+                "ai_score_shown": True,
+            },
         )
         assert read.status_code == 201, read.text
 
@@ -227,9 +233,9 @@ def test_appeal_is_filed_by_the_clinic_and_decided_blinded(site: Site, browser: 
     assert second.request.get(f"{site.base}/web/cases/{case_id}").status == 403
     second.go_back() if False else None
     second.get_by_label("Finding").select_option("pneumonia")
-    second.get_by_label("Outcome for the original result").select_option("overturned")
+    assert second.get_by_label("Outcome for the original result").count() == 0  # blinded: no verdict asked
     second.get_by_label("Rationale").fill("consolidation in the right lower lobe")
-    second.get_by_role("button", name="Decide").click()
+    second.get_by_role("button", name="Save my read").click()
     assert second.url.endswith("/web/worklist")
     second.context.close()
 
@@ -237,6 +243,14 @@ def test_appeal_is_filed_by_the_clinic_and_decided_blinded(site: Site, browser: 
     outcome = clinic.locator("#appeals tbody tr").first
     assert "overturned" in outcome.inner_text() and "pneumonia" in outcome.inner_text()
     clinic.context.close()
+
+    # The overturning second read is now the case's result, with the first read as history.
+    reader = site.login(browser, "dr-north")
+    reader.goto(f"{site.base}/web/cases/{case_id}")
+    assert "pneumonia by dr-second" in reader.locator("#final-read").inner_text()
+    history = reader.locator("#result-history li").all_inner_texts()
+    assert len(history) == 2 and "first read" in history[0] and "overturned" in history[1]
+    reader.context.close()
 
 
 def test_a_reader_cannot_open_another_clinics_case(site: Site, browser: Any) -> None:

@@ -222,11 +222,18 @@ def test_heatmap_route_follows_the_image_rules(
     assert missing.status_code == 404 and "no AI result" in missing.json()["error"]["message"]
     # The blinded appeal reader gets no heat map.
     second = make_key("radiologist", "north")
-    client.post(
+    assert client.post(f"/v1/studies/{case_id}/claim", headers=bearer(reader)).status_code == 200
+    read = client.post(
         f"/v1/studies/{case_id}/reads",
-        json={"finding": "normal", "agrees_with_ai": True, "ai_score_shown": True},
+        json={
+            "finding": "normal",
+            "agrees_with_ai": False,
+            "override_reason": "other",
+            "ai_score_shown": True,
+        },
         headers=bearer(reader),
     )
+    assert read.status_code == 201, read.text
     appeal = client.post(
         "/v1/appeals",
         json={"case_id": case_id, "category": "other", "grounds": "g", "contact_reference": "r"},
@@ -262,3 +269,4 @@ def test_worklist_polls_are_audited_when_what_they_show_changes(  # type: ignore
     assert shown == {first, second} and poll_events() == before + 2  # a new case: a new event
     assert {i["id"] for i in client.get("/web/api/worklist?tier=critical").json()["items"]} <= shown
     assert poll_events() == before + 3  # another filter is another view
+

@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, UploadFile
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from triage_api import cases, ingest, reading
+from triage_api import appeals, cases, ingest, reading
 from triage_api.db import transaction
 from triage_api.deps import Reader, RuntimeDep, Uploader
 from triage_api.schemas import CaseRead, StudyCreated, case_read
@@ -53,4 +53,5 @@ def get_study(runtime: RuntimeDep, principal: Reader, case_id: str) -> CaseRead:
     """One case with its current prediction."""
     with transaction(runtime.factory) as session:
         case, prediction = cases.read_case(session, principal=principal, case_id=case_id)
-        return case_read(case, prediction, reading.primary_read(session, case.id))
+        result = appeals.current_result(appeals.result_history(session, case.id))
+        return case_read(case, prediction, reading.primary_read(session, case.id), result)

@@ -41,7 +41,6 @@ from triage_api.schemas import AppealCreate, AppealDecision, PriorityChange, Rea
 from triage_api.tables import Appeal, Case, Clinic, User
 from triage_api.vocab import (
     AppealCategory,
-    AppealOutcome,
     AppealStatus,
     CaseStatus,
     Finding,
@@ -382,11 +381,11 @@ def case_page(request: Request, runtime: RuntimeDep, user: ReaderPage, case_id: 
     """The case viewer: picture, heat map, AI result with its model card, and the read."""
     with transaction(runtime.factory) as session:
         case, prediction = cases.read_case(session, principal=user.principal, case_id=case_id)
-        first = reading.primary_read(session, case.id)
+        history = appeals.result_history(session, case.id)
+        first = next((read for read, appeal in history if appeal is None), None)
         clinic = session.get_one(Clinic, case.clinic_id).name
-        people = _names(session, User, {i for i in (case.claimed_by, first and first.reader_id) if i})
+        people = _names(session, User, {case.claimed_by or 0} | {read.reader_id for read, _ in history})
     claimed_by = people.get(case.claimed_by) if case.claimed_by else None
-    reader = people.get(first.reader_id) if first else None
     return _page(
         request,
         "case.html",
@@ -394,7 +393,9 @@ def case_page(request: Request, runtime: RuntimeDep, user: ReaderPage, case_id: 
         case=case,
         prediction=prediction,
         first=first,
-        reader=reader,
+        history=history,
+        result=appeals.current_result(history),
+        people=people,
         clinic=clinic,
         claimed_by=claimed_by,
         card=_card(runtime, case.model_ref),
@@ -516,7 +517,6 @@ def appeal_page(request: Request, runtime: RuntimeDep, user: RadiologistPage, ap
         appeal=appeal,
         case=case,
         findings=list(Finding),
-        outcomes=list(AppealOutcome),
     )
 
 
@@ -534,12 +534,11 @@ def decide_appeal(
     user: RadiologistForm,
     appeal_id: int,
     finding: Annotated[str, Form()] = "",
-    outcome: Annotated[str, Form()] = "",
     rationale: Annotated[str, Form(max_length=4000)] = "",
 ) -> Response:
-    """Record the second read and the outcome for the clinic."""
+    """Record the second reader's own read; the service derives the outcome for the clinic."""
     try:
-        body = AppealDecision.model_validate({"finding": finding, "outcome": outcome, "rationale": rationale})
+        body = AppealDecision.model_validate({"finding": finding, "rationale": rationale})
     except ValidationError as exc:
         raise InvalidRequest(_fields(exc)) from None
     with transaction(runtime.factory) as session:

@@ -18,6 +18,8 @@ ALLOWED: dict[tuple[str, str], set[str]] = {
     ("GET", "/v1/studies/{case_id}"): {"uploader", "radiologist", "auditor"},
     ("GET", "/v1/worklist"): {"uploader", "radiologist", "auditor"},
     ("POST", "/v1/users"): {"admin"},
+    ("POST", "/v1/users/{user_id}/disable"): {"admin"},
+    ("POST", "/v1/users/{user_id}/enable"): {"admin"},
     ("DELETE", "/v1/keys/{prefix}"): {"admin"},
     ("POST", "/v1/studies/{case_id}/claim"): {"radiologist"},
     ("DELETE", "/v1/studies/{case_id}/claim"): {"radiologist", "admin"},
@@ -52,6 +54,7 @@ def call(client: TestClient, method: str, path: str, headers: dict[str, str]):  
         path.replace("{case_id}", uuid.uuid4().hex)
         .replace("{prefix}", "0123456789ab")
         .replace("{appeal_id}", "987654")
+        .replace("{user_id}", "987654")
     )
     if (method, path) == ("POST", "/v1/studies"):
         return client.post(

@@ -85,6 +85,13 @@ class UserCreated(BaseModel):
     api_key: str = Field(description="Shown once; only its hash is stored.")
 
 
+class UserState(BaseModel):
+    id: int
+    name: str
+    disabled: bool
+    sessions_ended: int = Field(description="Web sessions this change ended (a disable ends them all).")
+
+
 class KeyRevoked(BaseModel):
     prefix: str
     revoked_at: datetime

@@ -4,6 +4,7 @@ passwords from the API and the CLI, and the heat-map route."""
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from datetime import UTC, datetime, timedelta
 
@@ -270,3 +271,81 @@ def test_worklist_polls_are_audited_when_what_they_show_changes(  # type: ignore
     assert {i["id"] for i in client.get("/web/api/worklist?tier=critical").json()["items"]} <= shown
     assert poll_events() == before + 3  # another filter is another view
 
+
+def test_disabling_a_user_ends_their_sessions_and_enabling_restores_access(  # type: ignore[no-untyped-def]
+    client: TestClient, factory, make_key: MakeKey
+) -> None:
+    key = add_user(factory, "dr-off")
+    assert login(client, "dr-off").status_code == 303
+    assert client.get("/web/api/worklist").status_code == 200
+    admin = bearer(make_key("admin"))
+    with factory() as session:
+        user_id = session.execute(select(User.id).where(User.name == "dr-off")).scalar_one()
+    assert client.post(f"/v1/users/{user_id}/disable", headers=bearer(key)).status_code == 403
+    disabled = client.post(f"/v1/users/{user_id}/disable", headers=admin)
+    assert disabled.status_code == 200
+    assert disabled.json() == {"id": user_id, "name": "dr-off", "disabled": True, "sessions_ended": 1}
+    assert client.get("/web/api/worklist").status_code == 401  # the open session is gone
+    assert client.get("/v1/worklist", headers=bearer(key)).status_code == 401
+    assert login(client, "dr-off").status_code == 401
+    with factory() as session:
+        assert session.execute(select(func.count()).select_from(WebSession)).scalar_one() == 0
+    assert client.post("/v1/users/999999/disable", headers=admin).status_code == 404
+    enabled = client.post(f"/v1/users/{user_id}/enable", headers=admin)
+    assert enabled.status_code == 200 and enabled.json()["disabled"] is False
+    assert client.get("/v1/worklist", headers=bearer(key)).status_code == 200
+    assert login(client, "dr-off").status_code == 303
+    with factory() as session:
+        actions = [
+            e.action
+            for e in session.execute(
+                select(AuditEvent).where(
+                    AuditEvent.object_type == "user", AuditEvent.object_id == str(user_id)
+                )
+            ).scalars()
+        ]
+    assert [a for a in actions if a.startswith("user.")] == ["user.disable", "user.enable"]
+
+
+def test_revoking_a_key_ends_the_users_web_sessions(client: TestClient, factory, make_key: MakeKey) -> None:  # type: ignore[no-untyped-def]
+    key = add_user(factory, "dr-key")
+    assert login(client, "dr-key").status_code == 303
+    assert client.get("/web/api/worklist").status_code == 200
+    prefix = key.split("_")[1]
+    assert client.delete(f"/v1/keys/{prefix}", headers=bearer(make_key("admin"))).status_code == 200
+    assert client.get("/web/api/worklist").status_code == 401
+    with factory() as session:
+        ended = session.execute(
+            select(AuditEvent).where(AuditEvent.action == "user.sessions_end")
+        ).scalar_one()
+    assert json.loads(ended.details) == {"why": "key.revoke", "sessions": 1}
+
+
+def test_cli_disables_enables_and_resets_a_password(
+    tmp_path, database_url: str, tiny_bundle, factory
+) -> None:  # type: ignore[no-untyped-def]
+    env = triage_env(tmp_path, database_url, tiny_bundle)
+    made = run_triage(
+        {**env, "TRIAGE_NEW_PASSWORD": PASSWORD},
+        *("users", "add", "--name", "dr-cli", "--role", "radiologist", "--clinic", "north", "--password"),
+    )
+    assert made.returncode == 0, made.stderr
+    engine = make_engine(database_url)
+    factory = make_sessionmaker(engine)
+
+    def user() -> User:
+        with factory() as session:
+            return session.execute(select(User).where(User.name == "dr-cli")).scalar_one()
+
+    assert run_triage(env, "users", "disable", "dr-cli").returncode == 0 and user().disabled
+    assert run_triage(env, "users", "enable", "dr-cli").returncode == 0 and not user().disabled
+    missing = run_triage(env, "users", "disable", "nobody")
+    assert missing.returncode == 2 and "no such user" in missing.stderr
+    new = "a different long password"
+    reset = run_triage({**env, "TRIAGE_NEW_PASSWORD": new}, "users", "set-password", "dr-cli")
+    assert reset.returncode == 0, reset.stderr
+    assert new not in reset.stdout + reset.stderr
+    stored = user().password_hash
+    assert stored is not None and passwords.verify_password(stored, new)
+    assert not passwords.verify_password(stored, PASSWORD)
+    engine.dispose()

@@ -26,7 +26,7 @@ ALLOWED: dict[tuple[str, str], set[str]] = {
     ("POST", "/v1/studies/{case_id}/reads"): {"radiologist"},
     ("POST", "/v1/studies/{case_id}/priority"): {"radiologist"},
     ("GET", "/v1/studies/{case_id}/image"): {"uploader", "radiologist", "auditor"},
-    ("GET", "/v1/studies/{case_id}/heatmap"): {"uploader", "radiologist", "auditor"},
+    ("GET", "/v1/studies/{case_id}/heatmap"): {"radiologist", "auditor"},
     ("POST", "/v1/appeals"): {"uploader"},
     ("GET", "/v1/appeals"): {"uploader", "radiologist", "auditor", "admin"},
     ("GET", "/v1/appeals/{appeal_id}"): {"uploader", "radiologist", "auditor", "admin"},

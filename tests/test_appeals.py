@@ -108,9 +108,19 @@ def test_full_appeal_with_a_blinded_independent_second_read(client: TestClient, 
     assert outcome["rationale"] == decision["rationale"]
 
     # The overturning read is the case's current result; the first read stays as history.
-    case = client.get(f"/v1/studies/{case_id}", headers=bearer(uploader)).json()
+    case = client.get(f"/v1/studies/{case_id}", headers=first).json()
     assert case["read"]["finding"] == "normal" and case["read"]["kind"] == "primary"
     assert case["result"]["finding"] == "pneumonia" and case["result"]["kind"] == "appeal"
+    # The clinic sees the result and the outcome, never the AI score, the model or the readers.
+    mine = client.get(f"/v1/studies/{case_id}", headers=bearer(uploader)).json()
+    assert mine["result"]["finding"] == "pneumonia" and mine["result"]["on_appeal"] is True
+    assert mine["appeal_outcome"] == "overturned" and mine["status"] == "scored"
+    listed = client.get("/v1/worklist", headers=bearer(uploader)).json()
+    assert [row["result"]["finding"] for row in listed] == ["pneumonia"]
+    for body in (mine, *listed):
+        assert not {"risk", "prediction", "model_version", "claimed_by", "read"} & set(body)
+        assert "reader_id" not in str(body)
+    assert client.get(f"/v1/studies/{case_id}/heatmap", headers=bearer(uploader)).status_code == 403
 
     with runtime_of(client).factory() as session:
         actions = [
@@ -184,7 +194,12 @@ def test_a_second_read_with_the_same_finding_upholds_and_the_result_stands(
     )
     assert decided.status_code == 200 and decided.json()["outcome"] == "upheld"
     case = client.get(f"/v1/studies/{case_id}", headers=bearer(uploader)).json()
-    assert case["result"]["kind"] == "primary" and case["result"]["finding"] == "normal"
+    assert case["result"] == {
+        "finding": "normal",
+        "on_appeal": False,
+        "created_at": case["result"]["created_at"],
+    }
+    assert case["appeal_outcome"] == "upheld"
 
 
 def test_outcome_is_derived_from_the_two_findings() -> None:

@@ -23,6 +23,7 @@ from triage_api.auth import Principal, Role
 from triage_api.cases import scoped_case
 from triage_api.errors import Conflict, InvalidRequest, NotFound
 from triage_api.reading import primary_read
+from triage_api.schemas import ClinicCase, clinic_case
 from triage_api.tables import Appeal, Case, Read, User
 from triage_api.vocab import AppealOutcome, AppealStatus, Finding, ReadKind
 
@@ -223,13 +224,31 @@ def decide(
 
 def result_history(session: Session, case_id: str) -> list[tuple[Read, Appeal | None]]:
     """The case's results, oldest first: the first read, then each decided appeal's read."""
+    return histories(session, [case_id]).get(case_id, [])
+
+
+def histories(session: Session, case_ids: list[str]) -> dict[str, list[tuple[Read, Appeal | None]]]:
+    """:func:`result_history` of several cases in one query (for lists)."""
     rows = session.execute(
         select(Read, Appeal)
         .outerjoin(Appeal, Appeal.id == Read.appeal_id)
-        .where(Read.case_id == case_id)
+        .where(Read.case_id.in_(case_ids))
         .order_by(Read.created_at, Read.id)
     ).all()
-    return [(read, appeal) for read, appeal in rows]
+    out: dict[str, list[tuple[Read, Appeal | None]]] = {}
+    for read, appeal in rows:
+        out.setdefault(read.case_id, []).append((read, appeal))
+    return out
+
+
+def clinic_view(session: Session, rows: list[Case]) -> list[ClinicCase]:
+    """The clinic's view of its cases (see :class:`~triage_api.schemas.ClinicCase`)."""
+    found = histories(session, [case.id for case in rows])
+    shown = []
+    for case in rows:
+        history = found.get(case.id, [])
+        shown.append(clinic_case(case, history, current_result(history)))
+    return shown
 
 
 def current_result(history: list[tuple[Read, Appeal | None]]) -> Read | None:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from pydantic import BaseModel, ConfigDict, Field
 
 from triage_api.auth import Role
-from triage_api.tables import Case, Prediction, Read
+from triage_api.tables import Appeal, Case, Prediction, Read
 from triage_api.vocab import (
     AppealCategory,
     AppealOutcome,
@@ -63,6 +63,48 @@ class CaseRead(WorklistItem):
     read: ReadOut | None
     result: ReadOut | None = Field(
         description="The result that stands now: an appeal's read unless the appeal upheld the first read."
+    )
+
+
+class ClinicResult(BaseModel):
+    finding: Finding
+    on_appeal: bool = Field(description="Whether an appeal's second read replaced the first read.")
+    created_at: datetime
+
+
+class ClinicCase(BaseModel):
+    """What a clinic (uploader) sees of its case: where it stands and, once read, the result
+    and any appeal's outcome. Never the AI score, the model, the heat map or who read it."""
+
+    id: str
+    clinic_id: int
+    status: CaseStatus
+    reason: str | None
+    tier: Tier
+    deadline: datetime
+    received_at: datetime
+    read_at: datetime | None
+    result: ClinicResult | None
+    appeal_outcome: AppealOutcome | None
+
+
+def clinic_case(case: Case, history: list[tuple[Read, Appeal | None]], result: Read | None) -> ClinicCase:
+    decided = [appeal.outcome for _, appeal in history if appeal is not None and appeal.outcome]
+    return ClinicCase(
+        id=case.id,
+        clinic_id=case.clinic_id,
+        status=case.status,
+        reason=case.reason,
+        tier=case.tier,
+        deadline=case.deadline,
+        received_at=case.received_at,
+        read_at=case.read_at,
+        result=ClinicResult(
+            finding=result.finding, on_appeal=result.appeal_id is not None, created_at=result.created_at
+        )
+        if result
+        else None,
+        appeal_outcome=decided[-1] if decided else None,
     )
 
 

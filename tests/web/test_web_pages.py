@@ -108,7 +108,7 @@ def pixels(page: Any) -> list[int]:
 
 def test_viewer_override_and_auditor_desk(site: Site, browser: Any) -> None:
     case_id = site.upload("up-north", 7)
-    case = site.wait_scored("up-north", case_id)
+    case = site.wait_scored("dr-north", case_id)
     assert case["status"] == "scored"
     page = site.login(browser, "dr-north")
     page.goto(f"{site.base}/web/cases/{case_id}")
@@ -195,7 +195,7 @@ def test_viewer_override_and_auditor_desk(site: Site, browser: Any) -> None:
 
 def test_appeal_is_filed_by_the_clinic_and_decided_blinded(site: Site, browser: Any) -> None:
     case_id = site.upload("up-north", 11)
-    case = site.wait_scored("up-north", case_id)
+    case = site.wait_scored("dr-north", case_id)
     with site.api("dr-north") as api:
         assert api.post(f"/v1/studies/{case_id}/claim").status_code == 200
         read = api.post(
@@ -242,6 +242,13 @@ def test_appeal_is_filed_by_the_clinic_and_decided_blinded(site: Site, browser: 
     clinic.reload()
     outcome = clinic.locator("#appeals tbody tr").first
     assert "overturned" in outcome.inner_text() and "pneumonia" in outcome.inner_text()
+    # The clinic sees its case's result and the appeal's outcome, as the API shows them, and
+    # never the AI score, heat map or reader: the case page is closed to it, like the heat map.
+    row = clinic.locator(f"#cases tr[data-case='{case_id}']").inner_text()
+    assert "pneumonia (after appeal)" in row and "overturned" in row and "%" not in row
+    assert "dr-north" not in clinic.content() and "dr-second" not in clinic.content()
+    for path in (f"/web/cases/{case_id}", f"/web/cases/{case_id}/heatmap.png", "/web/api/worklist"):
+        assert clinic.request.get(f"{site.base}{path}").status == 403, path
     clinic.context.close()
 
     # The overturning second read is now the case's result, with the first read as history.

@@ -215,7 +215,8 @@ def test_heatmap_route_follows_the_image_rules(
     assert first.content.startswith(b"\x89PNG")
     cached = list(settings.blob_dir.rglob("*.heatmap.*.png"))
     assert len(cached) == 1
-    assert client.get(f"/v1/studies/{case_id}/heatmap", headers=bearer(uploader)).content == first.content
+    assert client.get(f"/v1/studies/{case_id}/heatmap", headers=bearer(reader)).content == first.content
+    assert client.get(f"/v1/studies/{case_id}/heatmap", headers=bearer(uploader)).status_code == 403
     assert client.get(f"/v1/studies/{case_id}/heatmap", headers=bearer(stranger)).status_code == 404
     dog = upload(client, uploader, (DATA / "dx_thorax_dog_monochrome1.dcm").read_bytes()).json()["id"]
     assert wait_for(client, uploader, dog)["status"] == "not_analyzed"

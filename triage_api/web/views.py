@@ -188,7 +188,9 @@ def _role(signed_in: Callable[..., WebUser], *roles: Role) -> Any:
 RadiologistPage = Annotated[WebUser, _role(_user, Role.RADIOLOGIST)]
 RadiologistForm = Annotated[WebUser, _role(_checked, Role.RADIOLOGIST)]
 RadiologistFetch = Annotated[WebUser, _role(_checked_json, Role.RADIOLOGIST)]
-ReaderPage = Annotated[WebUser, _role(_user, Role.RADIOLOGIST, Role.AUDITOR, Role.UPLOADER)]
+UnblindedPage = Annotated[WebUser, _role(_user, Role.RADIOLOGIST, Role.AUDITOR)]
+"""Pages with the AI's result (score, heat map) and readers' names: not for clinics, which
+see their cases, results and appeal outcomes on their own page (as ``ClinicCase`` says)."""
 UploaderPage = Annotated[WebUser, _role(_user, Role.UPLOADER)]
 UploaderForm = Annotated[WebUser, _role(_checked, Role.UPLOADER)]
 AuditorPage = Annotated[WebUser, _role(_user, Role.AUDITOR)]
@@ -323,7 +325,7 @@ def worklist_page(request: Request, runtime: RuntimeDep, user: RadiologistPage) 
 def worklist_json(
     request: Request,
     runtime: RuntimeDep,
-    user: ReaderPage,
+    user: UnblindedPage,
     clinic: int | None = None,
     tier: Tier | None = None,
     status: CaseStatus | None = None,
@@ -377,7 +379,7 @@ def _card(runtime: Runtime, model_ref: str | None) -> ModelCard | None:
 
 
 @router.get("/web/cases/{case_id}", response_class=HTMLResponse)
-def case_page(request: Request, runtime: RuntimeDep, user: ReaderPage, case_id: str) -> HTMLResponse:
+def case_page(request: Request, runtime: RuntimeDep, user: UnblindedPage, case_id: str) -> HTMLResponse:
     """The case viewer: picture, heat map, AI result with its model card, and the read."""
     with transaction(runtime.factory) as session:
         case, prediction = cases.read_case(session, principal=user.principal, case_id=case_id)
@@ -422,7 +424,7 @@ def case_image(runtime: RuntimeDep, user: CurrentUser, case_id: str) -> Response
 
 
 @router.get("/web/cases/{case_id}/heatmap.png")
-def case_heatmap(runtime: RuntimeDep, user: CurrentUser, case_id: str) -> Response:
+def case_heatmap(runtime: RuntimeDep, user: UnblindedPage, case_id: str) -> Response:
     """The Grad-CAM overlay (same rules as ``GET /v1/studies/{id}/heatmap``)."""
     with transaction(runtime.factory) as session:
         case = imaging.heatmap_case(session, principal=user.principal, case_id=case_id)
@@ -554,13 +556,14 @@ def clinic_page(request: Request, runtime: RuntimeDep, user: UploaderPage) -> HT
     """A clinic's cases and their status, its appeals and their outcomes."""
     with transaction(runtime.factory) as session:
         rows = cases.worklist(session, principal=user.principal, limit=500)
+        shown = appeals.clinic_view(session, rows)
         filed = appeals.list_appeals(session, principal=user.principal)
         second = {a.id: appeals.second_read(session, a) for a in filed}
     return _page(
         request,
         "clinic.html",
         user,
-        cases=rows,
+        cases=shown,
         appeals=filed,
         second=second,
         categories=list(AppealCategory),

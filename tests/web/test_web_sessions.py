@@ -350,3 +350,36 @@ def test_cli_disables_enables_and_resets_a_password(
     assert stored is not None and passwords.verify_password(stored, new)
     assert not passwords.verify_password(stored, PASSWORD)
     engine.dispose()
+
+
+def test_the_read_form_needs_the_claim_and_lapsed_claims_are_cleared(  # type: ignore[no-untyped-def]
+    client: TestClient, factory, settings: Settings
+) -> None:
+    holder = add_user(factory, "dr-holder")
+    add_user(factory, "dr-other")
+    uploader = add_user(factory, "up", role="uploader")
+    case_id = upload(client, uploader, (DATA / "cxr_normal.jpeg").read_bytes(), "x.jpeg").json()["id"]
+    wait_for(client, uploader, case_id)
+    assert client.post(f"/v1/studies/{case_id}/claim", headers=bearer(holder)).status_code == 200
+    assert login(client, "dr-other").status_code == 303
+    page = client.get(f"/web/cases/{case_id}").text
+    assert 'id="read-form"' not in page and re.search(r"Claimed by dr-holder \d+ min ago", page)
+    token = csrf(client, f"/web/cases/{case_id}")
+    form = {"finding": "pneumonia", "agreement": "override", "override_reason": "other", "csrf_token": token}
+    refused = client.post(f"/web/cases/{case_id}/read", data=form, headers={"Accept": "application/json"})
+    assert refused.status_code == 409
+    (row,) = client.get("/web/api/worklist").json()["items"]
+    assert row["claimed_by"] == "dr-holder" and row["claimed_at"] is not None
+    with transaction(factory) as session:
+        case = session.get_one(Case, case_id)
+        assert case.claimed_at is not None
+        case.claimed_at -= timedelta(minutes=settings.claim_expiry_minutes + 1)
+    (row,) = client.get("/web/api/worklist").json()["items"]
+    assert row["claimed_by"] is None
+    with factory() as session:
+        lapsed = session.execute(
+            select(AuditEvent).where(AuditEvent.action == "case.claim_expire")
+        ).scalar_one()
+        assert lapsed.object_id == case_id and session.get_one(Case, case_id).claimed_by is None
+    client.post(f"/web/cases/{case_id}/claim", headers={"X-CSRF-Token": token})
+    assert 'id="read-form"' in client.get(f"/web/cases/{case_id}").text

@@ -338,10 +338,17 @@ def worklist_json(
         if clinic not in principal.clinic_ids:
             raise InvalidRequest("not one of your clinics")
         principal = Principal(principal.user_id, principal.role, frozenset({clinic}))
+    now = datetime.now(UTC)
+    filters: dict[str, Any] = {"status": status, "tier": tier, "unread": unread, "limit": limit}
     with runtime.reads() as session:
-        rows = cases.worklist(
-            session, principal=principal, status=status, tier=tier, unread=unread, limit=limit, audit=False
-        )
+        rows = cases.worklist(session, principal=principal, audit=False, **filters)
+        lapsed = any(reading.claim_lapsed(c, runtime.settings, now) for c in rows)
+    if lapsed:  # clear lapsed claims (audited), then list again
+        with transaction(runtime.factory) as session:
+            reading.expire_claims(session, principal=user.principal, settings=runtime.settings, now=now)
+    with runtime.reads() as session:
+        if lapsed:
+            rows = cases.worklist(session, principal=principal, audit=False, **filters)
         clinics = _names(session, Clinic, {c.clinic_id for c in rows})
         readers = _names(session, User, {c.claimed_by for c in rows if c.claimed_by is not None})
         items = [
@@ -355,6 +362,7 @@ def worklist_json(
                 "received_at": c.received_at.isoformat(),
                 "claimed_by": readers.get(c.claimed_by) if c.claimed_by is not None else None,
                 "claimed_by_me": c.claimed_by == user.principal.user_id,
+                "claimed_at": c.claimed_at.isoformat() if c.claimed_at else None,
                 "model_version": c.model_ref,
             }
             for c in rows
@@ -363,11 +371,11 @@ def worklist_json(
     key = (principal.user_id, principal.clinic_ids, tier, status, unread, limit)
     polls = _state(request).polls
     if polls.due(key, shown):
-        filters = {"status": status, "tier": tier, "unread": unread, "limit": limit, "offset": 0}
         with transaction(runtime.factory) as session:
-            cases.audit_worklist(session, principal=principal, filters=filters, count=len(rows))
+            shown_filters = {**filters, "offset": 0}
+            cases.audit_worklist(session, principal=principal, filters=shown_filters, count=len(rows))
         polls.audited(key, shown)
-    return {"now": datetime.now(UTC).isoformat(), "items": items}
+    return {"now": now.isoformat(), "items": items}
 
 
 def _card(runtime: Runtime, model_ref: str | None) -> ModelCard | None:
@@ -388,6 +396,7 @@ def case_page(request: Request, runtime: RuntimeDep, user: UnblindedPage, case_i
         clinic = session.get_one(Clinic, case.clinic_id).name
         people = _names(session, User, {case.claimed_by or 0} | {read.reader_id for read, _ in history})
     claimed_by = people.get(case.claimed_by) if case.claimed_by else None
+    now = datetime.now(UTC)
     return _page(
         request,
         "case.html",
@@ -400,6 +409,10 @@ def case_page(request: Request, runtime: RuntimeDep, user: UnblindedPage, case_i
         people=people,
         clinic=clinic,
         claimed_by=claimed_by,
+        claimed_by_me=case.claimed_by == user.principal.user_id,
+        claim_minutes=int((now - case.claimed_at).total_seconds() // 60) if case.claimed_at else None,
+        claim_lapsed=reading.claim_lapsed(case, runtime.settings, now),
+        claim_expiry=runtime.settings.claim_expiry_minutes,
         card=_card(runtime, case.model_ref),
         findings=list(Finding),
         reasons=list(OverrideReason),

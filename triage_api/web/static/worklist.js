@@ -12,6 +12,10 @@
     var text = a >= 3600 ? Math.floor(a / 3600) + " h " + Math.floor((a % 3600) / 60) + " min" : Math.floor(a / 60) + " min " + (a % 60) + " s";
     return { over: over, text: over ? "overdue " + text : text };
   }
+  function age(since, now) {  // how long a claim has been held, e.g. "12 min"
+    var m = Math.max(0, Math.floor((now - Date.parse(since)) / 60000));
+    return m >= 60 ? Math.floor(m / 60) + " h " + (m % 60) + " min" : m + " min";
+  }
   function cell(tr, text, cls) { var td = document.createElement("td"); td.textContent = text; if (cls) td.className = cls; tr.appendChild(td); return td; }
   function render() {
     var now = Date.now(), rows = document.createDocumentFragment();
@@ -25,7 +29,7 @@
       cell(tr, l.text, "left");
       cell(tr, it.status.replace("_", " "));
       cell(tr, it.clinic);
-      cell(tr, it.claimed_by ? (it.claimed_by_me ? "you" : it.claimed_by) : "—");
+      cell(tr, it.claimed_by ? (it.claimed_by_me ? "you" : it.claimed_by) + " · " + age(it.claimed_at, now) : "—", "claim");
       var c = cell(tr, ""), a = document.createElement("a");
       a.href = "/web/cases/" + encodeURIComponent(it.id); a.textContent = it.id.slice(0, 12); c.appendChild(a);
       if (i === selected) tr.classList.add("selected");

@@ -98,7 +98,7 @@ def test_idle_and_old_sessions_end(client: TestClient, factory, settings: Settin
         refused = client.get("/web/api/worklist")
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "not_authenticated"
         page = client.get("/web/worklist", follow_redirects=False)
-        assert page.status_code == 303 and page.headers["location"] == "/login"
+        assert page.status_code == 303 and page.headers["location"] == "/login?next=%2Fweb%2Fworklist"
         with factory() as session:
             assert session.execute(select(func.count()).select_from(WebSession)).scalar_one() == 0
 
@@ -383,3 +383,62 @@ def test_the_read_form_needs_the_claim_and_lapsed_claims_are_cleared(  # type: i
         assert lapsed.object_id == case_id and session.get_one(Case, case_id).claimed_by is None
     client.post(f"/web/cases/{case_id}/claim", headers={"X-CSRF-Token": token})
     assert 'id="read-form"' in client.get(f"/web/cases/{case_id}").text
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "//evil.example/x",
+        "https://evil.example/",
+        "/\\evil.example",
+        "\\\\evil.example",
+        "javascript:alert(1)",
+        "/web/cases/x\r\nSet-Cookie: a=b",
+        "web/worklist",
+        "",
+    ],
+)
+def test_login_never_returns_to_another_site(client: TestClient, factory, target: str) -> None:  # type: ignore[no-untyped-def]
+    add_user(factory, "dr")
+    form = client.get("/login", params={"next": target}).text
+    assert 'name="next"' not in form
+    response = client.post(
+        "/login",
+        data={"username": "dr", "password": PASSWORD, "csrf_token": login_token(client), "next": target},
+        follow_redirects=False,
+    )
+    assert response.status_code == 303 and response.headers["location"] == "/"
+
+
+def test_login_returns_to_the_page_asked_for(client: TestClient, factory) -> None:  # type: ignore[no-untyped-def]
+    add_user(factory, "dr")
+    asked = client.get("/web/cases/abc?x=1", follow_redirects=False)
+    assert (
+        asked.status_code == 303 and asked.headers["location"] == "/login?next=%2Fweb%2Fcases%2Fabc%3Fx%3D1"
+    )
+    form = client.get(asked.headers["location"]).text
+    assert 'name="next" value="/web/cases/abc?x=1"' in form
+    response = client.post(
+        "/login",
+        data={
+            "username": "dr",
+            "password": PASSWORD,
+            "csrf_token": login_token(client),
+            "next": "/web/cases/abc?x=1",
+        },
+        follow_redirects=False,
+    )
+    assert response.status_code == 303 and response.headers["location"] == "/web/cases/abc?x=1"
+    # A form posted after the session ended sends the reader back to the page the form was on.
+    client.cookies.clear()
+    posted = client.post(
+        "/web/cases/abc/read",
+        data={"finding": "normal"},
+        headers={"Referer": "http://testserver/web/cases/abc"},
+        follow_redirects=False,
+    )
+    assert posted.status_code == 303 and posted.headers["location"] == "/login?next=%2Fweb%2Fcases%2Fabc"
+    elsewhere = client.post(
+        "/web/cases/abc/read", headers={"Referer": "https://evil.example/web/x"}, follow_redirects=False
+    )
+    assert elsewhere.headers["location"] == "/login"

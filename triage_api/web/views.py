@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlencode, urlsplit
 
 from fastapi import APIRouter, Cookie, Depends, FastAPI, Form, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -226,11 +227,39 @@ def _names(session: Any, model: type[User] | type[Clinic], ids: set[int]) -> dic
 # --- login -------------------------------------------------------------------------------
 
 
+def safe_next(target: str | None) -> str | None:
+    """``target`` if it is a path on this site (``/web/...``), else None.
+
+    Login returns to the page asked for; anything that a browser could read as another
+    origin (``//host``, ``https://``, backslashes, control characters) is refused.
+    """
+    if not target or len(target) > 2000 or not target.startswith("/") or target.startswith("//"):
+        return None
+    if "\\" in target or any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in target):
+        return None
+    return target
+
+
+def _login_url(request: Request) -> str:
+    """Where an unauthenticated request is sent: the login page, remembering the page asked for
+    (for a POST, the page the form was on)."""
+    if request.method == "GET":
+        asked = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    else:
+        referer = urlsplit(request.headers.get("referer", ""))
+        same = referer.netloc == request.url.netloc
+        asked = referer.path + (f"?{referer.query}" if referer.query else "") if same else ""
+    target = safe_next(asked)
+    return f"/login?{urlencode({'next': target})}" if target else "/login"
+
+
 @router.get("/login", response_class=HTMLResponse)
-def login_form(request: Request, error: str | None = None) -> HTMLResponse:
+def login_form(
+    request: Request, error: str | None = None, next_page: Annotated[str | None, Query(alias="next")] = None
+) -> HTMLResponse:
     """The login page; a pre-session CSRF token guards the form (double-submit cookie)."""
     token = secrets.token_hex(32)
-    response = _page(request, "login.html", None, token=token, error=error)
+    response = _page(request, "login.html", None, token=token, error=error, next=safe_next(next_page))
     response.set_cookie(
         LOGIN_COOKIE,
         token,
@@ -249,9 +278,10 @@ def login(
     username: Annotated[str, Form(max_length=100)],
     password: Annotated[str, Form(max_length=200)],
     csrf_token: Annotated[str | None, Form()] = None,
+    next_page: Annotated[str | None, Form(alias="next", max_length=2000)] = None,
     login_cookie: Annotated[str | None, Cookie(alias=LOGIN_COOKIE)] = None,
 ) -> Response:
-    """Check the password and open a session."""
+    """Check the password, open a session and go to the page asked for (on this site only)."""
     if not login_cookie or not sessions.csrf_ok(login_cookie, csrf_token):
         raise CsrfRefused("the login form expired; reload the page and try again")
     with transaction(runtime.factory) as session:
@@ -266,9 +296,15 @@ def login(
         raise outcome
     if outcome is None:
         return _page(
-            request, "login.html", None, status=401, token=csrf_token, error="Wrong username or password."
+            request,
+            "login.html",
+            None,
+            status=401,
+            token=csrf_token,
+            error="Wrong username or password.",
+            next=safe_next(next_page),
         )
-    response = _back("/")
+    response = _back(safe_next(next_page) or "/")
     secure = runtime.settings.web_secure_cookie or request.url.scheme == "https"
     response.set_cookie(
         COOKIE,
@@ -803,8 +839,8 @@ def install(app: FastAPI) -> None:
     async def domain(request: Request, exc: Exception) -> Response:
         if not isinstance(exc, TriageError) or not _wants_html(request):
             return await _delegate(json_domain(request, exc))
-        if isinstance(exc, NotAuthenticated) and request.method == "GET":
-            return _back("/login")
+        if isinstance(exc, NotAuthenticated):
+            return _back(_login_url(request))
         user = _maybe_user(request)
         response = templates.TemplateResponse(
             request,

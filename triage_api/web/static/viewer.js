@@ -97,5 +97,29 @@
         .catch(function (e) { document.getElementById("claim-state").textContent = e.message; });
     });
   });
+  // A typed read is kept in this tab (sessionStorage) until it is saved: if the session ended
+  // meanwhile, the reader signs in again, comes back to this page and finds it restored.
+  var readForm = document.getElementById("read-form"), draftKey = "triage.draft." + location.pathname;
+  if (new URLSearchParams(location.search).get("done") === "read") sessionStorage.removeItem(draftKey);
+  if (readForm) {
+    var draft = JSON.parse(sessionStorage.getItem(draftKey) || "null");
+    if (draft) {
+      Object.keys(draft).forEach(function (name) {
+        readForm.querySelectorAll('[name="' + name + '"]').forEach(function (el) {
+          if (el.type === "radio") el.checked = el.value === draft[name]; else el.value = draft[name];
+        });
+      });
+      var note = document.createElement("p");
+      note.id = "draft-restored"; note.className = "ok"; note.setAttribute("role", "status");
+      note.textContent = "Your unsaved read was restored: check it and save.";
+      readForm.prepend(note);
+    }
+    var keep = function () {
+      var d = {};
+      new FormData(readForm).forEach(function (v, k) { if (k !== "csrf_token") d[k] = v; });
+      sessionStorage.setItem(draftKey, JSON.stringify(d));
+    };
+    ["input", "change", "submit"].forEach(function (ev) { readForm.addEventListener(ev, keep); });
+  }
   loadImage(root.dataset.image).then(init).catch(function () { wlText.textContent = "image could not be loaded"; });
 })();

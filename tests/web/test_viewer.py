@@ -51,7 +51,7 @@ def test_the_image_keeps_its_aspect_ratio(site: Site, browser: Any, width: int, 
     assert box is not None and box["height"] <= height * 0.78 + 1
     # After the window changes size the picture is redrawn, still round.
     before = page.evaluate("document.getElementById('canvas').height")
-    page.set_viewport_size({"width": width, "height": max(400, height // 2)})
+    page.set_viewport_size({"width": width, "height": max(250, height // 3)})
     page.wait_for_function(f"document.getElementById('canvas').height !== {before}")
     disc_w, disc_h = drawn_disc(page)
     assert abs(disc_w / disc_h - 1) < 0.04, ("resized", width, height, disc_w, disc_h)

@@ -59,7 +59,17 @@ LOGIN_COOKIE = "triage_login_csrf"
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 
 
+def utc(moment: datetime | str) -> str:
+    """The one way pages write a time: ``2026-03-01 14:05 UTC`` (worklist.js writes the same).
+
+    The audit log keeps its times as ISO 8601 text; those are read back first.
+    """
+    when = datetime.fromisoformat(moment) if isinstance(moment, str) else moment
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
 templates.env.filters["duration"] = charts.duration
+templates.env.filters["utc"] = utc
 router = APIRouter(include_in_schema=False)
 
 HOME = {
@@ -816,12 +826,19 @@ def admin_page(request: Request, runtime: RuntimeDep, user: AdminPage) -> HTMLRe
 # --- wiring ----------------------------------------------------------------------------------
 
 
+API_PATHS = ("/v1/", "/web/api/", "/healthz", "/readyz", "/metrics", "/static/")
+"""Paths whose errors stay JSON (or plain) whatever the client accepts."""
+
+
 def _wants_html(request: Request) -> bool:
+    """Browser routes get HTML error pages; so does any other unknown path a browser asks for."""
     path = request.url.path
+    if path.startswith(API_PATHS) or "x-csrf-token" in request.headers:
+        return False
     return (
-        (path == "/" or path.startswith(("/web/", "/login", "/logout")))
-        and not path.startswith("/web/api/")
-        and "x-csrf-token" not in request.headers
+        path == "/"
+        or path.startswith(("/web/", "/login", "/logout"))
+        or ("text/html" in request.headers.get("accept", ""))
     )
 
 

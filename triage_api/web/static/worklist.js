@@ -61,7 +61,7 @@
         selected = keep >= 0 ? keep : Math.min(selected, Math.max(items.length - 1, 0));
         render();
         document.body.dataset.renderMs = (performance.now() - t0).toFixed(2);  // read by bench/worklist_page.py
-        live.textContent = items.length + " cases · updated " + new Date().toLocaleTimeString();
+        live.textContent = items.length + " cases · updated " + data.now.slice(0, 10) + " " + data.now.slice(11, 16) + " UTC";
         document.body.dataset.polls = String(Number(document.body.dataset.polls || 0) + 1);
       })
       .catch(function (e) { if (mine === seq) live.textContent = "update failed (" + e.message + "); retrying"; })

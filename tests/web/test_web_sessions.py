@@ -442,3 +442,29 @@ def test_login_returns_to_the_page_asked_for(client: TestClient, factory) -> Non
         "/web/cases/abc/read", headers={"Referer": "https://evil.example/web/x"}, follow_redirects=False
     )
     assert elsewhere.headers["location"] == "/login"
+
+
+def test_monitoring_says_not_enough_reads_and_the_worklist_gives_the_no_ai_reason(  # type: ignore[no-untyped-def]
+    client: TestClient, factory
+) -> None:
+    reader = add_user(factory, "dr")
+    add_user(factory, "aud", role="auditor")
+    uploader = add_user(factory, "up", role="uploader")
+    case_id = upload(client, uploader, (DATA / "cxr_normal.jpeg").read_bytes(), "x.jpeg").json()["id"]
+    dog = upload(client, uploader, (DATA / "dx_thorax_dog_monochrome1.dcm").read_bytes()).json()["id"]
+    wait_for(client, uploader, case_id)
+    wait_for(client, uploader, dog)
+    assert client.post(f"/v1/studies/{case_id}/claim", headers=bearer(reader)).status_code == 200
+    read = {
+        "finding": "pneumonia",
+        "agrees_with_ai": False,
+        "override_reason": "other",
+        "ai_score_shown": True,
+    }
+    assert client.post(f"/v1/studies/{case_id}/reads", json=read, headers=bearer(reader)).status_code == 201
+    assert login(client, "dr").status_code == 303
+    (row,) = client.get("/web/api/worklist").json()["items"]
+    assert row["id"] == dog and row["risk"] is None and row["reason"]
+    assert login(client, "aud").status_code == 303
+    page = client.get("/web/audit/monitoring").text
+    assert "not enough reads for an AUROC (1 of the 20 needed)" in page

@@ -402,6 +402,7 @@ def worklist_json(
                 "id": c.id,
                 "clinic": clinics.get(c.clinic_id, str(c.clinic_id)),
                 "status": c.status,
+                "reason": c.reason,
                 "tier": c.tier,
                 "risk": c.risk,
                 "deadline": c.deadline.isoformat(),
@@ -810,6 +811,7 @@ def monitoring_page(
         days=days,
         charts=svgs,
         psi_bound=runtime.settings.alert_drift_psi,
+        min_reads=runtime.settings.alert_min_reads,
     )
 
 

@@ -25,7 +25,9 @@
       if (l.over) tr.className = "overdue";
       var t = cell(tr, ""), badge = document.createElement("span");
       badge.className = "tier tier-" + it.tier; badge.textContent = it.tier; t.appendChild(badge);
-      cell(tr, it.risk === null ? "—" : (it.risk * 100).toFixed(1) + "%");
+      // A case without an AI result is never shown as low risk: it says so, with the reason.
+      if (it.risk === null) cell(tr, "no AI result" + (it.reason ? ": " + it.reason : " yet"), "no-ai");
+      else cell(tr, (it.risk * 100).toFixed(1) + "%");
       cell(tr, l.text, "left");
       cell(tr, it.status.replace("_", " "));
       cell(tr, it.clinic);

@@ -18,13 +18,15 @@ ALLOWED: dict[tuple[str, str], set[str]] = {
     ("GET", "/v1/studies/{case_id}"): {"uploader", "radiologist", "auditor"},
     ("GET", "/v1/worklist"): {"uploader", "radiologist", "auditor"},
     ("POST", "/v1/users"): {"admin"},
+    ("POST", "/v1/users/{user_id}/disable"): {"admin"},
+    ("POST", "/v1/users/{user_id}/enable"): {"admin"},
     ("DELETE", "/v1/keys/{prefix}"): {"admin"},
     ("POST", "/v1/studies/{case_id}/claim"): {"radiologist"},
     ("DELETE", "/v1/studies/{case_id}/claim"): {"radiologist", "admin"},
     ("POST", "/v1/studies/{case_id}/reads"): {"radiologist"},
     ("POST", "/v1/studies/{case_id}/priority"): {"radiologist"},
     ("GET", "/v1/studies/{case_id}/image"): {"uploader", "radiologist", "auditor"},
-    ("GET", "/v1/studies/{case_id}/heatmap"): {"uploader", "radiologist", "auditor"},
+    ("GET", "/v1/studies/{case_id}/heatmap"): {"radiologist", "auditor"},
     ("POST", "/v1/appeals"): {"uploader"},
     ("GET", "/v1/appeals"): {"uploader", "radiologist", "auditor", "admin"},
     ("GET", "/v1/appeals/{appeal_id}"): {"uploader", "radiologist", "auditor", "admin"},
@@ -87,6 +89,7 @@ def call(client: TestClient, method: str, path: str, headers: dict[str, str]):  
         .replace("{frame_list}", "1")
         .replace("{webhook_id}", "987654")
         .replace("{delivery_id}", "987654")
+        .replace("{user_id}", "987654")
     )
     if path.endswith("/stream"):  # an open event stream: the status line is the answer
         with client.stream(method, url, headers=headers) as response:

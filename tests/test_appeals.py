@@ -7,6 +7,8 @@ from sqlalchemy import select
 
 from audit.log import AuditEvent
 from tests.conftest import DATA, MakeKey, bearer, runtime_of, upload, wait_for
+from triage_api.appeals import outcome_of
+from triage_api.vocab import AppealOutcome, Finding
 
 
 def read_case(client: TestClient, make_key: MakeKey) -> tuple[str, str, dict[str, str]]:
@@ -16,9 +18,15 @@ def read_case(client: TestClient, make_key: MakeKey) -> tuple[str, str, dict[str
     )
     wait_for(client, uploader, case_id)
     first = bearer(make_key("radiologist", "north"))
+    assert client.post(f"/v1/studies/{case_id}/claim", headers=first).status_code == 200
     read = client.post(
         f"/v1/studies/{case_id}/reads",
-        json={"finding": "normal", "agrees_with_ai": True, "ai_score_shown": True},
+        json={
+            "finding": "normal",
+            "agrees_with_ai": False,
+            "override_reason": "other",
+            "ai_score_shown": True,
+        },
         headers=first,
     )
     assert read.status_code == 201
@@ -74,7 +82,11 @@ def test_full_appeal_with_a_blinded_independent_second_read(client: TestClient, 
     assert image.status_code == 200 and len(image.content) > 1000
 
     # Admins and auditors see but cannot decide; only the assigned reader can.
-    decision = {"finding": "pneumonia", "outcome": "overturned", "rationale": "Right lower lobe opacity."}
+    decision = {"finding": "pneumonia", "rationale": "Right lower lobe opacity."}
+    verdict = client.post(
+        f"/v1/appeals/{appeal['id']}/decision", json={**decision, "outcome": "upheld"}, headers=second
+    )
+    assert verdict.status_code == 422  # the second reader reads; they do not rate a read they cannot see
     for role_key in (make_key("admin"), make_key("auditor", "north")):
         assert (
             client.post(
@@ -94,6 +106,21 @@ def test_full_appeal_with_a_blinded_independent_second_read(client: TestClient, 
     outcome = client.get(f"/v1/appeals/{appeal['id']}", headers=bearer(uploader)).json()
     assert outcome["outcome"] == "overturned" and outcome["second_read_finding"] == "pneumonia"
     assert outcome["rationale"] == decision["rationale"]
+
+    # The overturning read is the case's current result; the first read stays as history.
+    case = client.get(f"/v1/studies/{case_id}", headers=first).json()
+    assert case["read"]["finding"] == "normal" and case["read"]["kind"] == "primary"
+    assert case["result"]["finding"] == "pneumonia" and case["result"]["kind"] == "appeal"
+    # The clinic sees the result and the outcome, never the AI score, the model or the readers.
+    mine = client.get(f"/v1/studies/{case_id}", headers=bearer(uploader)).json()
+    assert mine["result"]["finding"] == "pneumonia" and mine["result"]["on_appeal"] is True
+    assert mine["appeal_outcome"] == "overturned" and mine["status"] == "scored"
+    listed = client.get("/v1/worklist", headers=bearer(uploader)).json()
+    assert [row["result"]["finding"] for row in listed] == ["pneumonia"]
+    for body in (mine, *listed):
+        assert not {"risk", "prediction", "model_version", "claimed_by", "read"} & set(body)
+        assert "reader_id" not in str(body)
+    assert client.get(f"/v1/studies/{case_id}/heatmap", headers=bearer(uploader)).status_code == 403
 
     with runtime_of(client).factory() as session:
         actions = [
@@ -151,3 +178,47 @@ def test_one_appeal_in_progress_per_case_and_admin_assignment_rules(
         f"/v1/appeals/{appeal['id']}/assign", json={"reader_id": south_id}, headers=admin
     )
     assert wrong_clinic.status_code == 422
+
+
+def test_a_second_read_with_the_same_finding_upholds_and_the_result_stands(
+    client: TestClient, make_key: MakeKey
+) -> None:
+    case_id, uploader, _ = read_case(client, make_key)
+    appeal = file(client, uploader, case_id)
+    second = bearer(make_key("radiologist", "north"))
+    assert client.post(f"/v1/appeals/{appeal['id']}/take", headers=second).status_code == 200
+    decided = client.post(
+        f"/v1/appeals/{appeal['id']}/decision",
+        json={"finding": "normal", "rationale": "Clear."},
+        headers=second,
+    )
+    assert decided.status_code == 200 and decided.json()["outcome"] == "upheld"
+    case = client.get(f"/v1/studies/{case_id}", headers=bearer(uploader)).json()
+    assert case["result"] == {
+        "finding": "normal",
+        "on_appeal": False,
+        "created_at": case["result"]["created_at"],
+    }
+    assert case["appeal_outcome"] == "upheld"
+
+
+def test_outcome_is_derived_from_the_two_findings() -> None:
+    assert outcome_of(Finding.NORMAL, Finding.NORMAL) is AppealOutcome.UPHELD
+    assert outcome_of(Finding.NORMAL, Finding.PNEUMONIA) is AppealOutcome.OVERTURNED
+    assert outcome_of(Finding.PNEUMONIA, Finding.OTHER_FINDING) is AppealOutcome.OVERTURNED
+    assert outcome_of(Finding.NORMAL, Finding.OTHER_FINDING) is AppealOutcome.PARTIALLY
+    assert outcome_of(Finding.PNEUMONIA, Finding.NON_DIAGNOSTIC) is AppealOutcome.PARTIALLY
+
+
+def test_an_unread_case_cannot_be_appealed(client: TestClient, make_key: MakeKey) -> None:
+    uploader = make_key("uploader", "north")
+    case_id = str(
+        upload(client, uploader, (DATA / "cr_chest_pa_jpeg_baseline_siim.dcm").read_bytes()).json()["id"]
+    )
+    wait_for(client, uploader, case_id)
+    refused = client.post(
+        "/v1/appeals",
+        json={"case_id": case_id, "category": "other", "grounds": "g", "contact_reference": "r"},
+        headers=bearer(uploader),
+    )
+    assert refused.status_code == 409 and "no result" in refused.json()["error"]["message"]

@@ -9,7 +9,10 @@ from sqlalchemy import select
 
 from audit.log import AuditEvent
 from tests.conftest import DATA, MakeKey, bearer, runtime_of, upload, wait_for
-from triage_api.tables import Read
+from triage_api import oversight
+from triage_api.auth import Principal, Role
+from triage_api.tables import Case, Prediction, Read
+from triage_api.vocab import Tier
 
 
 def scored_case(
@@ -19,6 +22,18 @@ def scored_case(
     case_id = str(upload(client, uploader, (DATA / name).read_bytes()).json()["id"])
     assert wait_for(client, uploader, case_id)["status"] in ("scored", "not_analyzed")
     return case_id
+
+
+def set_ai_tier(client: TestClient, case_id: str, tier: Tier) -> None:
+    """Make the AI's result of a scored case ``tier`` (the tiny test model scores at random)."""
+    with runtime_of(client).factory.begin() as session:
+        for prediction in session.execute(select(Prediction).where(Prediction.case_id == case_id)).scalars():
+            prediction.tier = tier
+        session.get_one(Case, case_id).tier = tier
+
+
+def claimed(client: TestClient, case_id: str, reader: dict[str, str]) -> None:
+    assert client.post(f"/v1/studies/{case_id}/claim", headers=reader).status_code == 200
 
 
 def test_claim_is_visible_and_exclusive_and_admin_can_release(client: TestClient, make_key: MakeKey) -> None:
@@ -37,7 +52,9 @@ def test_claim_is_visible_and_exclusive_and_admin_can_release(client: TestClient
 
 def test_agreeing_read_is_recorded_with_the_score_it_saw(client: TestClient, make_key: MakeKey) -> None:
     case_id = scored_case(client, make_key)
+    set_ai_tier(client, case_id, Tier.ROUTINE)
     reader = bearer(make_key("radiologist", "north"))
+    claimed(client, case_id, reader)
     response = client.post(
         f"/v1/studies/{case_id}/reads",
         json={"finding": "normal", "agrees_with_ai": True, "ai_score_shown": True},
@@ -63,6 +80,7 @@ def test_agreeing_read_is_recorded_with_the_score_it_saw(client: TestClient, mak
 def test_override_needs_a_reason(client: TestClient, make_key: MakeKey) -> None:
     case_id = scored_case(client, make_key)
     reader = bearer(make_key("radiologist", "north"))
+    claimed(client, case_id, reader)
     url = f"/v1/studies/{case_id}/reads"
     no_reason = client.post(
         url, json={"finding": "pneumonia", "agrees_with_ai": False, "ai_score_shown": True}, headers=reader
@@ -102,9 +120,84 @@ def test_override_needs_a_reason(client: TestClient, make_key: MakeKey) -> None:
     )  # notes stay out of the log
 
 
+def test_agreeing_with_a_finding_the_ai_tier_contradicts_is_an_override(
+    client: TestClient, make_key: MakeKey
+) -> None:
+    case_id = scored_case(client, make_key)
+    set_ai_tier(client, case_id, Tier.CRITICAL)
+    reader = bearer(make_key("radiologist", "north"))
+    claimed(client, case_id, reader)
+    url = f"/v1/studies/{case_id}/reads"
+    normal_agree = client.post(
+        url, json={"finding": "normal", "agrees_with_ai": True, "ai_score_shown": True}, headers=reader
+    )
+    assert normal_agree.status_code == 422
+    assert "override_reason" in normal_agree.json()["error"]["message"]
+    saved = client.post(
+        url,
+        json={
+            "finding": "normal",
+            "agrees_with_ai": False,
+            "override_reason": "false_positive",
+            "ai_score_shown": True,
+        },
+        headers=reader,
+    )
+    assert saved.status_code == 201 and saved.json()["agrees_with_ai"] is False
+    with runtime_of(client).factory() as session:
+        clinic = session.get_one(Case, case_id).clinic_id
+        rows = oversight.overrides(session, principal=Principal(0, Role.AUDITOR, frozenset({clinic})))
+    assert [(r.case_id, r.reason) for r in rows] == [(case_id, "false_positive")]
+
+
+def test_routine_case_cannot_be_agreed_as_pneumonia(client: TestClient, make_key: MakeKey) -> None:
+    case_id = scored_case(client, make_key)
+    set_ai_tier(client, case_id, Tier.ROUTINE)
+    reader = bearer(make_key("radiologist", "north"))
+    claimed(client, case_id, reader)
+    refused = client.post(
+        f"/v1/studies/{case_id}/reads",
+        json={"finding": "pneumonia", "agrees_with_ai": True, "ai_score_shown": True},
+        headers=reader,
+    )
+    assert refused.status_code == 422
+
+
+def test_a_read_needs_the_claim_and_a_stale_claim_lapses(client: TestClient, make_key: MakeKey) -> None:
+    case_id = scored_case(client, make_key)
+    first, second = bearer(make_key("radiologist", "north")), bearer(make_key("radiologist", "north"))
+    body = {
+        "finding": "other_finding",
+        "agrees_with_ai": False,
+        "override_reason": "other",
+        "ai_score_shown": True,
+    }
+    url = f"/v1/studies/{case_id}/reads"
+    unclaimed = client.post(url, json=body, headers=first)
+    assert unclaimed.status_code == 409 and "claim" in unclaimed.json()["error"]["message"]
+    claimed(client, case_id, first)
+    held = client.post(url, json=body, headers=second)
+    assert held.status_code == 409 and "another reader" in held.json()["error"]["message"]
+    assert client.post(f"/v1/studies/{case_id}/claim", headers=second).status_code == 409
+    expiry = runtime_of(client).settings.claim_expiry_minutes
+    with runtime_of(client).factory.begin() as session:
+        case = session.get_one(Case, case_id)
+        assert case.claimed_at is not None
+        case.claimed_at -= timedelta(minutes=expiry + 1)
+    assert client.post(f"/v1/studies/{case_id}/claim", headers=second).status_code == 200
+    assert client.post(url, json=body, headers=first).status_code == 409
+    assert client.post(url, json=body, headers=second).status_code == 201
+    with runtime_of(client).factory() as session:
+        lapsed = session.execute(
+            select(AuditEvent).where(AuditEvent.action == "case.claim_expire")
+        ).scalar_one()
+    assert lapsed.object_id == case_id
+
+
 def test_case_without_ai_result_takes_no_agreement(client: TestClient, make_key: MakeKey) -> None:
     case_id = scored_case(client, make_key, "dx_thorax_dog_monochrome1.dcm")  # not_analyzed
     reader = bearer(make_key("radiologist", "north"))
+    claimed(client, case_id, reader)
     url = f"/v1/studies/{case_id}/reads"
     refused = client.post(
         url,

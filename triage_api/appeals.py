@@ -6,6 +6,11 @@ every such access is recorded against the case.
 While assigned, they see the case only through the appeal, without the AI score and
 without the first read; their read and the outcome go back to the clinic. Admins and
 auditors can see appeals but not decide them. Everything is audited.
+
+The second reader gives their own read (a finding and a rationale), never a verdict on a
+first read they cannot see: the service derives the outcome by comparing the two findings
+(:func:`outcome_of`). Unless upheld, the second read becomes the case's current result
+(:func:`current_result`); the first read stays, as history.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from triage_api.auth import Principal, Role
 from triage_api.cases import scoped_case
 from triage_api.errors import Conflict, InvalidRequest, NotFound
 from triage_api.reading import primary_read
+from triage_api.schemas import ClinicCase, clinic_case
 from triage_api.tables import Appeal, Case, Read, User
 from triage_api.vocab import AppealOutcome, AppealStatus, Finding, ReadKind
 
@@ -95,6 +101,8 @@ def file_appeal(
         Conflict: the case already has an appeal in progress.
     """
     case = scoped_case(session, principal, case_id)
+    if case.read_at is None:
+        raise Conflict("the case has no result yet; an appeal asks for a second read of a result")
     pending = session.execute(
         select(Appeal.id).where(Appeal.case_id == case.id, Appeal.status.in_(OPEN))
     ).first()
@@ -195,17 +203,30 @@ def blinded_view(session: Session, *, principal: Principal, appeal_id: int) -> t
     return appeal, case
 
 
+def outcome_of(first: Finding, second: Finding) -> AppealOutcome:
+    """Upheld when the findings agree; overturned when they disagree on pneumonia; otherwise
+    (e.g. normal against other finding, or a non-diagnostic film) partially (amended)."""
+    if first == second:
+        return AppealOutcome.UPHELD
+    if Finding.PNEUMONIA in (first, second) and Finding.NON_DIAGNOSTIC not in (first, second):
+        return AppealOutcome.OVERTURNED
+    return AppealOutcome.PARTIALLY
+
+
 def decide(
     session: Session,
     *,
     principal: Principal,
     appeal_id: int,
     finding: Finding,
-    outcome: AppealOutcome,
     rationale: str,
 ) -> tuple[Appeal, Read]:
-    """The second reader records their read and the outcome that goes back to the clinic."""
+    """Record the second reader's own read; the outcome follows from the first read's finding."""
     appeal, case = assigned_appeal(session, principal, appeal_id)
+    first = primary_read(session, case.id)
+    if first is None:  # file_appeal needs a read; kept as a guard for appeals filed before that rule
+        raise Conflict("the case has no first read to compare with")
+    outcome = outcome_of(Finding(first.finding), finding)
     now = datetime.now(UTC)
     read = Read(
         case_id=case.id,
@@ -227,6 +248,44 @@ def decide(
     session.flush()
     _audit(session, principal, "appeal.decide", appeal, outcome=outcome, finding=finding, read_id=read.id)
     return appeal, read
+
+
+def result_history(session: Session, case_id: str) -> list[tuple[Read, Appeal | None]]:
+    """The case's results, oldest first: the first read, then each decided appeal's read."""
+    return histories(session, [case_id]).get(case_id, [])
+
+
+def histories(session: Session, case_ids: list[str]) -> dict[str, list[tuple[Read, Appeal | None]]]:
+    """:func:`result_history` of several cases in one query (for lists)."""
+    rows = session.execute(
+        select(Read, Appeal)
+        .outerjoin(Appeal, Appeal.id == Read.appeal_id)
+        .where(Read.case_id.in_(case_ids))
+        .order_by(Read.created_at, Read.id)
+    ).all()
+    out: dict[str, list[tuple[Read, Appeal | None]]] = {}
+    for read, appeal in rows:
+        out.setdefault(read.case_id, []).append((read, appeal))
+    return out
+
+
+def clinic_view(session: Session, rows: list[Case]) -> list[ClinicCase]:
+    """The clinic's view of its cases (see :class:`~triage_api.schemas.ClinicCase`)."""
+    found = histories(session, [case.id for case in rows])
+    shown = []
+    for case in rows:
+        history = found.get(case.id, [])
+        shown.append(clinic_case(case, history, current_result(history)))
+    return shown
+
+
+def current_result(history: list[tuple[Read, Appeal | None]]) -> Read | None:
+    """The read that stands now: the latest appeal read that was not upheld, else the first read."""
+    standing = None
+    for read, appeal in history:
+        if appeal is None or appeal.outcome != AppealOutcome.UPHELD:
+            standing = read
+    return standing
 
 
 def second_read(session: Session, appeal: Appeal) -> Read | None:

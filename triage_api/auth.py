@@ -15,11 +15,11 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from triage_api.errors import NotAuthenticated, NotPermitted
-from triage_api.tables import ApiKey, Clinic, User
+from triage_api.tables import ApiKey, Clinic, User, WebSession
 
 
 class Role(enum.StrEnum):
@@ -115,3 +115,19 @@ def revoke_key(session: Session, prefix: str) -> ApiKey | None:
     if key is not None and key.revoked_at is None:
         key.revoked_at = datetime.now(UTC)
     return key
+
+
+def end_sessions(session: Session, user_id: int) -> int:
+    """End every web session of the user at once (their rows go); returns how many ended.
+
+    Revoking a key or disabling a user must not leave a browser signed in on the old grant.
+    """
+    result = session.execute(delete(WebSession).where(WebSession.user_id == user_id))
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def set_disabled(session: Session, user: User, disabled: bool) -> int:
+    """Disable (no key, password or session works) or re-enable a user; returns the web
+    sessions a disable ended. Keys and password are kept, so enabling restores access."""
+    user.disabled = disabled
+    return end_sessions(session, user.id) if disabled else 0

@@ -24,10 +24,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from audit.log import EventCode, record
 from models import cli as models_cli
-from triage_api import audit_cli, auth
+from triage_api import audit_cli, auth, users
 from triage_api.blobs import PRIVATE_UMASK
 from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
-from triage_api.errors import NotPermitted
+from triage_api.errors import NotPermitted, TriageError
 from triage_api.ingest import quiet_pydicom
 from triage_api.settings import SITE_CONFIG, ConfigFileError, Settings, load_config_file
 from triage_api.vocab import AiMode
@@ -222,6 +222,30 @@ def _users_revoke(args: argparse.Namespace) -> int:
             object_type="api_key",
             object_id=args.prefix,
         )
+        users.end_sessions(session, actor="cli", key=key)
+    return 0
+
+
+def _users_disable(args: argparse.Namespace) -> int:
+    settings = Settings()
+    engine = make_engine(settings.sqlalchemy_url)
+    with transaction(make_sessionmaker(engine)) as session:
+        _, ended = users.set_disabled(session, actor="cli", name=args.name, disabled=args.disabled)
+    print(f"{args.name} {'disabled' if args.disabled else 'enabled'}; web sessions ended: {ended}")
+    return 0
+
+
+def _users_set_password(args: argparse.Namespace) -> int:
+    from triage_api.errors import InvalidRequest
+
+    settings = Settings()
+    engine = make_engine(settings.sqlalchemy_url)
+    try:
+        with transaction(make_sessionmaker(engine)) as session:
+            users.set_password(session, actor="cli", name=args.name, password=_new_password())
+    except InvalidRequest as exc:
+        raise NotPermitted(exc.message) from None
+    print(f"password set for {args.name}; their web sessions ended")
     return 0
 
 
@@ -534,6 +558,21 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = users.add_parser("revoke", help="revoke an API key by its prefix")
     revoke.add_argument("prefix")
     revoke.set_defaults(func=_users_revoke)
+    for verb, disabled in (("disable", True), ("enable", False)):
+        toggle = users.add_parser(
+            verb,
+            help="disable a user (keys, password and web sessions stop working at once)"
+            if disabled
+            else "re-enable a disabled user",
+        )
+        toggle.add_argument("name")
+        toggle.set_defaults(func=_users_disable, disabled=disabled)
+    set_password = users.add_parser(
+        "set-password",
+        help="set or reset a web-login password: from TRIAGE_NEW_PASSWORD, else prompted (no echo)",
+    )
+    set_password.add_argument("name")
+    set_password.set_defaults(func=_users_set_password)
 
     export = commands.add_parser(
         "export-reads", help="write confirmed reads as a labelled dataset for retraining (CSV, no pixels)"
@@ -641,7 +680,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command not in CREATES_SITE | NO_DATABASE:
             _require_site(Settings(), config)
         return int(args.func(args))
-    except NotPermitted as exc:
+    except TriageError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
 

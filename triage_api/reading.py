@@ -2,11 +2,21 @@
 
 Every change writes an audit event in its transaction. Free-text notes stay in their table
 and never go into audit details (they may name the patient).
+
+A read is saved only by the reader who holds the case's claim, so two readers never read
+the same case at once. A claim older than ``claim_expiry_minutes`` lapses: the next reader
+who claims the case takes it over, and :func:`expire_claims` clears lapsed claims; both are
+audited (``case.claim_expire``).
+
+"I agree" must fit the finding: the AI's tier says pneumonia likely (critical, elevated)
+or not (routine). Agreeing with a finding the tier contradicts (e.g. "normal" on a critical
+case) is refused with a 422 that asks for an override and its reason, so every disagreement
+reaches the auditor's override list under a reason the reader chose.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -18,7 +28,7 @@ from triage_api.cases import unblinded_case
 from triage_api.errors import Conflict, InvalidRequest, NotFound, NotPermitted
 from triage_api.priority import sla
 from triage_api.settings import Settings
-from triage_api.tables import Case, Read, Reprioritisation
+from triage_api.tables import Case, Prediction, Read, Reprioritisation
 from triage_api.vocab import Finding, OverrideReason, ReadKind, Tier
 
 
@@ -34,20 +44,58 @@ def _audit(session: Session, principal: Principal, action: str, case: Case, **de
     )
 
 
-def claim(session: Session, *, principal: Principal, case_id: str) -> Case:
+AI_POSITIVE = {Tier.CRITICAL: {Finding.PNEUMONIA}, Tier.ELEVATED: {Finding.PNEUMONIA}}
+"""Findings an "I agree" may go with, per AI tier; routine takes the ones in ``AI_NEGATIVE``."""
+AI_NEGATIVE = {Finding.NORMAL, Finding.OTHER_FINDING}
+
+
+def claim_lapsed(case: Case, settings: Settings, now: datetime) -> bool:
+    """Whether the case's claim is older than the expiry (and so no longer blocks others)."""
+    limit = timedelta(minutes=settings.claim_expiry_minutes)
+    return case.claimed_at is not None and now - case.claimed_at > limit
+
+
+def _lapse(session: Session, principal: Principal, case: Case) -> None:
+    _audit(session, principal, "case.claim_expire", case, released_user=case.claimed_by)
+    case.claimed_by, case.claimed_at = None, None
+
+
+def claim(
+    session: Session, *, principal: Principal, case_id: str, settings: Settings, now: datetime | None = None
+) -> Case:
     """Take the soft lock on a case so other readers see it is being read.
 
+    A lapsed claim of another reader is taken over (its expiry audited).
+
     Raises:
-        Conflict: another reader holds it, or it is already read.
+        Conflict: another reader holds a live claim, or it is already read.
     """
+    now = now or datetime.now(UTC)
     case = unblinded_case(session, principal, case_id)
     if case.read_at is not None:
         raise Conflict("the case is already read")
     if case.claimed_by not in (None, principal.user_id):
-        raise Conflict("another reader has claimed this case")
-    case.claimed_by, case.claimed_at = principal.user_id, datetime.now(UTC)
+        if not claim_lapsed(case, settings, now):
+            raise Conflict("another reader has claimed this case")
+        _lapse(session, principal, case)
+    case.claimed_by, case.claimed_at = principal.user_id, now
     _audit(session, principal, "case.claim", case)
     return case
+
+
+def expire_claims(session: Session, *, principal: Principal, settings: Settings, now: datetime) -> int:
+    """Clear the lapsed claims in the caller's clinics, each audited; returns how many."""
+    cutoff = now - timedelta(minutes=settings.claim_expiry_minutes)
+    stale = session.execute(
+        select(Case).where(
+            Case.clinic_id.in_(principal.clinic_ids), Case.read_at.is_(None), Case.claimed_at < cutoff
+        )
+    ).scalars()
+    count = 0
+    for case in stale:
+        _lapse(session, principal, case)
+        count += 1
+    return count
 
 
 def release(session: Session, *, principal: Principal, case_id: str) -> Case:
@@ -87,19 +135,22 @@ def record_read(
 ) -> Read:
     """Record the final (primary) read of a case.
 
-    Disagreeing with the AI is an override and needs a reason code. A case without an AI
-    result (not analysed, failed, still queued) takes no agree/disagree. Whether the AI was
-    shown is the server's to say where it withheld it (shadow mode, the AI-blind sample):
-    ``ai_score_shown`` is then recorded false whatever the client sent.
+    Disagreeing with the AI is an override and needs a reason code; agreeing must fit the
+    finding (see the module's docstring). A case without an AI result (not analysed, failed,
+    still queued) takes no agree/disagree. The caller must hold the case's claim. Whether the
+    AI was shown is the server's to say where it withheld it (shadow mode, the AI-blind
+    sample): ``ai_score_shown`` is then recorded false whatever the client sent.
 
     Raises:
-        InvalidRequest: agree/override fields inconsistent with the case (422).
-        Conflict: already read, or claimed by another reader.
+        InvalidRequest: agree/override fields inconsistent with the case or the finding (422).
+        Conflict: already read, or the caller does not hold the claim (409).
     """
     case = unblinded_case(session, principal, case_id)
     if case.read_at is not None:
         raise Conflict("the case is already read")
-    if case.claimed_by not in (None, principal.user_id):
+    if case.claimed_by is None:
+        raise Conflict("claim the case before saving a read")
+    if case.claimed_by != principal.user_id:
         raise Conflict("another reader has claimed this case")
     shown = bool(golive.shown_cases(session, [case]))
     ai_score_shown = ai_score_shown and shown
@@ -112,6 +163,13 @@ def record_read(
         raise InvalidRequest("an override needs a reason code (override_reason)")
     elif agrees_with_ai is True and override_reason is not None:
         raise InvalidRequest("override_reason is only for disagreeing with the AI")
+    elif agrees_with_ai is True and finding not in AI_POSITIVE.get(
+        tier := ai_tier(session, case), AI_NEGATIVE
+    ):
+        raise InvalidRequest(
+            f"the finding {finding.value} contradicts the AI's {tier.value} tier: "
+            "this read overrides the AI; give an override_reason"
+        )
     now = datetime.now(UTC)
     read = Read(
         case_id=case.id,
@@ -179,6 +237,17 @@ def reprioritise(
     )
     case.tier, case.deadline = tier, new_deadline
     return case
+
+
+def ai_tier(session: Session, case: Case) -> Tier:
+    """The tier the AI gave (its latest prediction), not a tier set by hand since."""
+    tier = session.execute(
+        select(Prediction.tier)
+        .where(Prediction.case_id == case.id)
+        .order_by(Prediction.attempt.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+    return Tier(tier) if tier is not None else case.tier
 
 
 def primary_read(session: Session, case_id: str) -> Read | None:

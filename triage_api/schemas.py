@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from triage_api.auth import Role
 from triage_api.params import Id
-from triage_api.tables import Case, Prediction, Read
+from triage_api.tables import Appeal, Case, Prediction, Read
 from triage_api.vocab import (
     AppealCategory,
     AppealOutcome,
@@ -68,6 +68,51 @@ class CaseRead(WorklistItem):
     received_at: datetime
     prediction: PredictionRead | None
     read: ReadOut | None
+    result: ReadOut | None = Field(
+        description="The result that stands now: an appeal's read unless the appeal upheld the first read."
+    )
+
+
+class ClinicResult(BaseModel):
+    finding: Finding
+    on_appeal: bool = Field(description="Whether an appeal's second read replaced the first read.")
+    created_at: datetime
+
+
+class ClinicCase(BaseModel):
+    """What a clinic (uploader) sees of its case: where it stands and, once read, the result
+    and any appeal's outcome. Never the AI score, the model, the heat map or who read it."""
+
+    id: str
+    clinic_id: int
+    status: CaseStatus
+    reason: str | None
+    tier: Tier
+    deadline: datetime
+    received_at: datetime
+    read_at: datetime | None
+    result: ClinicResult | None
+    appeal_outcome: AppealOutcome | None
+
+
+def clinic_case(case: Case, history: list[tuple[Read, Appeal | None]], result: Read | None) -> ClinicCase:
+    decided = [appeal.outcome for _, appeal in history if appeal is not None and appeal.outcome]
+    return ClinicCase(
+        id=case.id,
+        clinic_id=case.clinic_id,
+        status=case.status,
+        reason=case.reason,
+        tier=case.tier,
+        deadline=case.deadline,
+        received_at=case.received_at,
+        read_at=case.read_at,
+        result=ClinicResult(
+            finding=result.finding, on_appeal=result.appeal_id is not None, created_at=result.created_at
+        )
+        if result
+        else None,
+        appeal_outcome=decided[-1] if decided else None,
+    )
 
 
 ClinicName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$")]
@@ -91,6 +136,13 @@ class UserCreated(BaseModel):
     role: Role
     clinics: list[str]
     api_key: str = Field(description="Shown once; only its hash is stored.")
+
+
+class UserState(BaseModel):
+    id: int
+    name: str
+    disabled: bool
+    sessions_ended: int = Field(description="Web sessions this change ended (a disable ends them all).")
 
 
 class KeyRevoked(BaseModel):
@@ -156,8 +208,7 @@ class AppealAssign(BaseModel):
 class AppealDecision(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    finding: Finding
-    outcome: AppealOutcome
+    finding: Finding = Field(description="The second reader's own finding; the outcome is derived from it.")
     rationale: str = Field(min_length=1, max_length=4000)
 
 
@@ -210,7 +261,9 @@ def worklist_item(case: Case, ai_shown: bool) -> WorklistItem:
     )
 
 
-def case_read(case: Case, prediction: Prediction | None, read: Read | None, ai_shown: bool) -> CaseRead:
+def case_read(
+    case: Case, prediction: Prediction | None, read: Read | None, ai_shown: bool, result: Read | None
+) -> CaseRead:
     return CaseRead(
         **worklist_item(case, ai_shown).model_dump(),
         media_type=case.media_type,
@@ -225,4 +278,5 @@ def case_read(case: Case, prediction: Prediction | None, read: Read | None, ai_s
             else None
         ),
         read=ReadOut.model_validate(read, from_attributes=True) if read else None,
+        result=ReadOut.model_validate(result, from_attributes=True) if result else None,
     )

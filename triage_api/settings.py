@@ -142,6 +142,9 @@ class Settings(BaseSettings):
 
     appeal_due_hours: float = Field(72, gt=0)
 
+    claim_expiry_minutes: float = Field(30, gt=0)
+    """A reader's claim on a case older than this no longer blocks others (audited when it lapses)."""
+
     monitor_interval_seconds: float = Field(900, gt=0)
     """How often the service checks the monitoring bounds below."""
     monitor_window_hours: float = Field(168, gt=0)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from audit.log import EventCode, record
 from triage_api import auth, passwords
 from triage_api.auth import Principal, Role
 from triage_api.errors import NotFound
-from triage_api.tables import User
+from triage_api.tables import ApiKey, User
 
 
 def create_user(
@@ -67,4 +68,76 @@ def revoke_key(session: Session, *, principal: Principal, prefix: str) -> dateti
         object_type="api_key",
         object_id=prefix,
     )
+    end_sessions(session, actor=principal.actor, key=key)
     return revoked_at
+
+
+def end_sessions(session: Session, *, actor: str, key: ApiKey) -> int:
+    """After a key's revocation, end its user's web sessions too (audited); returns how many."""
+    ended = auth.end_sessions(session, key.user_id)
+    record(
+        session,
+        actor=actor,
+        action="user.sessions_end",
+        code=EventCode.SECURITY_ALERT,
+        object_type="user",
+        object_id=str(key.user_id),
+        details={"why": "key.revoke", "sessions": ended},
+    )
+    return ended
+
+
+def set_disabled(
+    session: Session, *, actor: str, user_id: int | None = None, name: str | None = None, disabled: bool
+) -> tuple[User, int]:
+    """Disable or re-enable a user (by id or name), audited; a disable ends their web sessions.
+
+    Returns:
+        The user, and how many web sessions ended.
+
+    Raises:
+        NotFound: no such user.
+    """
+    query = (
+        select(User).where(User.id == user_id)
+        if user_id is not None
+        else select(User).where(User.name == name)
+    )
+    user = session.execute(query).scalar_one_or_none()
+    if user is None:
+        raise NotFound("no such user")
+    ended = auth.set_disabled(session, user, disabled)
+    record(
+        session,
+        actor=actor,
+        action="user.disable" if disabled else "user.enable",
+        code=EventCode.SECURITY_ALERT,
+        object_type="user",
+        object_id=str(user.id),
+        details={"sessions_ended": ended} if disabled else {},
+    )
+    return user, ended
+
+
+def set_password(session: Session, *, actor: str, name: str, password: str) -> User:
+    """Set or reset a user's web-login password (audited); their open web sessions end.
+
+    Raises:
+        NotFound: no such user.
+        InvalidRequest: the password is too short or too long.
+    """
+    user = session.execute(select(User).where(User.name == name)).scalar_one_or_none()
+    if user is None:
+        raise NotFound("no such user")
+    passwords.set_password(session, user, password)
+    ended = auth.end_sessions(session, user.id)
+    record(
+        session,
+        actor=actor,
+        action="user.set_password",
+        code=EventCode.SECURITY_ALERT,
+        object_type="user",
+        object_id=str(user.id),
+        details={"sessions_ended": ended},
+    )
+    return user

@@ -39,8 +39,8 @@ def test_each_role_logs_in_to_its_page_and_logs_out(site: Site, browser: Any) ->
         shot(page, f"home-{user}")
         page.get_by_role("button", name="Sign out").click()
         assert page.url == site.base + "/login"
-        page.goto(site.base + path)  # the session is gone
-        assert page.url == site.base + "/login"
+        page.goto(site.base + path)  # the session is gone; login would return to the page
+        assert page.url.startswith(site.base + "/login?next=")
         page.context.close()
 
     page = site.context(browser).new_page()
@@ -108,7 +108,7 @@ def pixels(page: Any) -> list[int]:
 
 def test_viewer_override_and_auditor_desk(site: Site, browser: Any) -> None:
     case_id = site.upload("up-north", 7)
-    case = site.wait_scored("up-north", case_id)
+    case = site.wait_scored("dr-north", case_id)
     assert case["status"] == "scored"
     page = site.login(browser, "dr-north")
     page.goto(f"{site.base}/web/cases/{case_id}")
@@ -196,11 +196,17 @@ def test_viewer_override_and_auditor_desk(site: Site, browser: Any) -> None:
 
 def test_appeal_is_filed_by_the_clinic_and_decided_blinded(site: Site, browser: Any) -> None:
     case_id = site.upload("up-north", 11)
-    case = site.wait_scored("up-north", case_id)
+    case = site.wait_scored("dr-north", case_id)
     with site.api("dr-north") as api:
+        assert api.post(f"/v1/studies/{case_id}/claim").status_code == 200
         read = api.post(
             f"/v1/studies/{case_id}/reads",
-            json={"finding": "normal", "agrees_with_ai": True, "ai_score_shown": True},
+            json={
+                "finding": "normal",
+                "agrees_with_ai": False,
+                "override_reason": "other",
+                "ai_score_shown": True,
+            },
         )
         assert read.status_code == 201, read.text
 
@@ -228,16 +234,31 @@ def test_appeal_is_filed_by_the_clinic_and_decided_blinded(site: Site, browser: 
     assert second.request.get(f"{site.base}/web/cases/{case_id}").status == 403
     second.go_back() if False else None
     second.get_by_label("Finding").select_option("pneumonia")
-    second.get_by_label("Outcome for the original result").select_option("overturned")
+    assert second.get_by_label("Outcome for the original result").count() == 0  # blinded: no verdict asked
     second.get_by_label("Rationale").fill("consolidation in the right lower lobe")
-    second.get_by_role("button", name="Decide").click()
+    second.get_by_role("button", name="Save my read").click()
     assert second.url.endswith("/web/worklist")
     second.context.close()
 
     clinic.reload()
     outcome = clinic.locator("#appeals tbody tr").first
     assert "overturned" in outcome.inner_text() and "pneumonia" in outcome.inner_text()
+    # The clinic sees its case's result and the appeal's outcome, as the API shows them, and
+    # never the AI score, heat map or reader: the case page is closed to it, like the heat map.
+    row = clinic.locator(f"#cases tr[data-case='{case_id}']").inner_text()
+    assert "pneumonia (after appeal)" in row and "overturned" in row and "%" not in row
+    assert "dr-north" not in clinic.content() and "dr-second" not in clinic.content()
+    for path in (f"/web/cases/{case_id}", f"/web/cases/{case_id}/heatmap.png", "/web/api/worklist"):
+        assert clinic.request.get(f"{site.base}{path}").status == 403, path
     clinic.context.close()
+
+    # The overturning second read is now the case's result, with the first read as history.
+    reader = site.login(browser, "dr-north")
+    reader.goto(f"{site.base}/web/cases/{case_id}")
+    assert "pneumonia by dr-second" in reader.locator("#final-read").inner_text()
+    history = reader.locator("#result-history li").all_inner_texts()
+    assert len(history) == 2 and "first read" in history[0] and "overturned" in history[1]
+    reader.context.close()
 
 
 def test_a_reader_cannot_open_another_clinics_case(site: Site, browser: Any) -> None:

@@ -4,8 +4,10 @@ passwords from the API and the CLI, and the heat-map route."""
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -97,7 +99,7 @@ def test_idle_and_old_sessions_end(client: TestClient, factory, settings: Settin
         refused = client.get("/web/api/worklist")
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "not_authenticated"
         page = client.get("/web/worklist", follow_redirects=False)
-        assert page.status_code == 303 and page.headers["location"] == "/login"
+        assert page.status_code == 303 and page.headers["location"] == "/login?next=%2Fweb%2Fworklist"
         with factory() as session:
             assert session.execute(select(func.count()).select_from(WebSession)).scalar_one() == 0
 
@@ -215,7 +217,8 @@ def test_heatmap_route_follows_the_image_rules(
     assert first.content.startswith(b"\x89PNG")
     cached = list(settings.blob_dir.rglob("*.heatmap.*.png"))
     assert len(cached) == 1
-    assert client.get(f"/v1/studies/{case_id}/heatmap", headers=bearer(uploader)).content == first.content
+    assert client.get(f"/v1/studies/{case_id}/heatmap", headers=bearer(reader)).content == first.content
+    assert client.get(f"/v1/studies/{case_id}/heatmap", headers=bearer(uploader)).status_code == 403
     assert client.get(f"/v1/studies/{case_id}/heatmap", headers=bearer(stranger)).status_code == 404
     dog = upload(client, uploader, (DATA / "dx_thorax_dog_monochrome1.dcm").read_bytes()).json()["id"]
     assert wait_for(client, uploader, dog)["status"] == "not_analyzed"
@@ -223,11 +226,18 @@ def test_heatmap_route_follows_the_image_rules(
     assert missing.status_code == 404 and "no AI result" in missing.json()["error"]["message"]
     # The blinded appeal reader gets no heat map.
     second = make_key("radiologist", "north")
-    client.post(
+    assert client.post(f"/v1/studies/{case_id}/claim", headers=bearer(reader)).status_code == 200
+    read = client.post(
         f"/v1/studies/{case_id}/reads",
-        json={"finding": "normal", "agrees_with_ai": True, "ai_score_shown": True},
+        json={
+            "finding": "normal",
+            "agrees_with_ai": False,
+            "override_reason": "other",
+            "ai_score_shown": True,
+        },
         headers=bearer(reader),
     )
+    assert read.status_code == 201, read.text
     appeal = client.post(
         "/v1/appeals",
         json={"case_id": case_id, "category": "other", "grounds": "g", "contact_reference": "r"},
@@ -263,3 +273,201 @@ def test_worklist_polls_are_audited_when_what_they_show_changes(  # type: ignore
     assert shown == {first, second} and poll_events() == before + 2  # a new case: a new event
     assert {i["id"] for i in client.get("/web/api/worklist?tier=critical").json()["items"]} <= shown
     assert poll_events() == before + 3  # another filter is another view
+
+
+def test_disabling_a_user_ends_their_sessions_and_enabling_restores_access(  # type: ignore[no-untyped-def]
+    client: TestClient, factory, make_key: MakeKey
+) -> None:
+    key = add_user(factory, "dr-off")
+    assert login(client, "dr-off").status_code == 303
+    assert client.get("/web/api/worklist").status_code == 200
+    admin = bearer(make_key("admin"))
+    with factory() as session:
+        user_id = session.execute(select(User.id).where(User.name == "dr-off")).scalar_one()
+    assert client.post(f"/v1/users/{user_id}/disable", headers=bearer(key)).status_code == 403
+    disabled = client.post(f"/v1/users/{user_id}/disable", headers=admin)
+    assert disabled.status_code == 200
+    assert disabled.json() == {"id": user_id, "name": "dr-off", "disabled": True, "sessions_ended": 1}
+    assert client.get("/web/api/worklist").status_code == 401  # the open session is gone
+    assert client.get("/v1/worklist", headers=bearer(key)).status_code == 401
+    assert login(client, "dr-off").status_code == 401
+    with factory() as session:
+        assert session.execute(select(func.count()).select_from(WebSession)).scalar_one() == 0
+    assert client.post("/v1/users/999999/disable", headers=admin).status_code == 404
+    enabled = client.post(f"/v1/users/{user_id}/enable", headers=admin)
+    assert enabled.status_code == 200 and enabled.json()["disabled"] is False
+    assert client.get("/v1/worklist", headers=bearer(key)).status_code == 200
+    assert login(client, "dr-off").status_code == 303
+    with factory() as session:
+        actions = [
+            e.action
+            for e in session.execute(
+                select(AuditEvent).where(
+                    AuditEvent.object_type == "user", AuditEvent.object_id == str(user_id)
+                )
+            ).scalars()
+        ]
+    assert [a for a in actions if a.startswith("user.")] == ["user.disable", "user.enable"]
+
+
+def test_revoking_a_key_ends_the_users_web_sessions(client: TestClient, factory, make_key: MakeKey) -> None:  # type: ignore[no-untyped-def]
+    key = add_user(factory, "dr-key")
+    assert login(client, "dr-key").status_code == 303
+    assert client.get("/web/api/worklist").status_code == 200
+    prefix = key.split("_")[1]
+    assert client.delete(f"/v1/keys/{prefix}", headers=bearer(make_key("admin"))).status_code == 200
+    assert client.get("/web/api/worklist").status_code == 401
+    with factory() as session:
+        ended = session.execute(
+            select(AuditEvent).where(AuditEvent.action == "user.sessions_end")
+        ).scalar_one()
+    assert json.loads(ended.details) == {"why": "key.revoke", "sessions": 1}
+
+
+def test_cli_disables_enables_and_resets_a_password(
+    tmp_path: Path, database_url: str, tiny_bundle: Path
+) -> None:
+    env = triage_env(tmp_path, database_url, tiny_bundle)
+    made = run_triage(
+        {**env, "TRIAGE_NEW_PASSWORD": PASSWORD},
+        *("users", "add", "--name", "dr-cli", "--role", "radiologist", "--clinic", "north", "--password"),
+    )
+    assert made.returncode == 0, made.stderr
+    engine = make_engine(database_url)
+    factory = make_sessionmaker(engine)
+
+    def user() -> User:
+        with factory() as session:
+            found: User = session.execute(select(User).where(User.name == "dr-cli")).scalar_one()
+            return found
+
+    assert run_triage(env, "users", "disable", "dr-cli").returncode == 0 and user().disabled
+    assert run_triage(env, "users", "enable", "dr-cli").returncode == 0 and not user().disabled
+    missing = run_triage(env, "users", "disable", "nobody")
+    assert missing.returncode == 2 and "no such user" in missing.stderr
+    new = "a different long password"
+    reset = run_triage({**env, "TRIAGE_NEW_PASSWORD": new}, "users", "set-password", "dr-cli")
+    assert reset.returncode == 0, reset.stderr
+    assert new not in reset.stdout + reset.stderr
+    stored = user().password_hash
+    assert stored is not None and passwords.verify_password(stored, new)
+    assert not passwords.verify_password(stored, PASSWORD)
+    engine.dispose()
+
+
+def test_the_read_form_needs_the_claim_and_lapsed_claims_are_cleared(  # type: ignore[no-untyped-def]
+    client: TestClient, factory, settings: Settings
+) -> None:
+    holder = add_user(factory, "dr-holder")
+    add_user(factory, "dr-other")
+    uploader = add_user(factory, "up", role="uploader")
+    case_id = upload(client, uploader, (DATA / "cxr_normal.jpeg").read_bytes(), "x.jpeg").json()["id"]
+    wait_for(client, uploader, case_id)
+    assert client.post(f"/v1/studies/{case_id}/claim", headers=bearer(holder)).status_code == 200
+    assert login(client, "dr-other").status_code == 303
+    page = client.get(f"/web/cases/{case_id}").text
+    assert 'id="read-form"' not in page and re.search(r"Claimed by dr-holder \d+ min ago", page)
+    token = csrf(client, f"/web/cases/{case_id}")
+    form = {"finding": "pneumonia", "agreement": "override", "override_reason": "other", "csrf_token": token}
+    refused = client.post(f"/web/cases/{case_id}/read", data=form, headers={"Accept": "application/json"})
+    assert refused.status_code == 409
+    (row,) = client.get("/web/api/worklist").json()["items"]
+    assert row["claimed_by"] == "dr-holder" and row["claimed_at"] is not None
+    with transaction(factory) as session:
+        case = session.get_one(Case, case_id)
+        assert case.claimed_at is not None
+        case.claimed_at -= timedelta(minutes=settings.claim_expiry_minutes + 1)
+    (row,) = client.get("/web/api/worklist").json()["items"]
+    assert row["claimed_by"] is None
+    with factory() as session:
+        lapsed = session.execute(
+            select(AuditEvent).where(AuditEvent.action == "case.claim_expire")
+        ).scalar_one()
+        assert lapsed.object_id == case_id and session.get_one(Case, case_id).claimed_by is None
+    client.post(f"/web/cases/{case_id}/claim", headers={"X-CSRF-Token": token})
+    assert 'id="read-form"' in client.get(f"/web/cases/{case_id}").text
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "//evil.example/x",
+        "https://evil.example/",
+        "/\\evil.example",
+        "\\\\evil.example",
+        "javascript:alert(1)",
+        "/web/cases/x\r\nSet-Cookie: a=b",
+        "web/worklist",
+        "",
+    ],
+)
+def test_login_never_returns_to_another_site(client: TestClient, factory, target: str) -> None:  # type: ignore[no-untyped-def]
+    add_user(factory, "dr")
+    form = client.get("/login", params={"next": target}).text
+    assert 'name="next"' not in form
+    response = client.post(
+        "/login",
+        data={"username": "dr", "password": PASSWORD, "csrf_token": login_token(client), "next": target},
+        follow_redirects=False,
+    )
+    assert response.status_code == 303 and response.headers["location"] == "/"
+
+
+def test_login_returns_to_the_page_asked_for(client: TestClient, factory) -> None:  # type: ignore[no-untyped-def]
+    add_user(factory, "dr")
+    asked = client.get("/web/cases/abc?x=1", follow_redirects=False)
+    assert (
+        asked.status_code == 303 and asked.headers["location"] == "/login?next=%2Fweb%2Fcases%2Fabc%3Fx%3D1"
+    )
+    form = client.get(asked.headers["location"]).text
+    assert 'name="next" value="/web/cases/abc?x=1"' in form
+    response = client.post(
+        "/login",
+        data={
+            "username": "dr",
+            "password": PASSWORD,
+            "csrf_token": login_token(client),
+            "next": "/web/cases/abc?x=1",
+        },
+        follow_redirects=False,
+    )
+    assert response.status_code == 303 and response.headers["location"] == "/web/cases/abc?x=1"
+    # A form posted after the session ended sends the reader back to the page the form was on.
+    client.cookies.clear()
+    posted = client.post(
+        "/web/cases/abc/read",
+        data={"finding": "normal"},
+        headers={"Referer": "http://testserver/web/cases/abc"},
+        follow_redirects=False,
+    )
+    assert posted.status_code == 303 and posted.headers["location"] == "/login?next=%2Fweb%2Fcases%2Fabc"
+    elsewhere = client.post(
+        "/web/cases/abc/read", headers={"Referer": "https://evil.example/web/x"}, follow_redirects=False
+    )
+    assert elsewhere.headers["location"] == "/login"
+
+
+def test_monitoring_says_not_enough_reads_and_the_worklist_gives_the_no_ai_reason(  # type: ignore[no-untyped-def]
+    client: TestClient, factory
+) -> None:
+    reader = add_user(factory, "dr")
+    add_user(factory, "aud", role="auditor")
+    uploader = add_user(factory, "up", role="uploader")
+    case_id = upload(client, uploader, (DATA / "cxr_normal.jpeg").read_bytes(), "x.jpeg").json()["id"]
+    dog = upload(client, uploader, (DATA / "dx_thorax_dog_monochrome1.dcm").read_bytes()).json()["id"]
+    wait_for(client, uploader, case_id)
+    wait_for(client, uploader, dog)
+    assert client.post(f"/v1/studies/{case_id}/claim", headers=bearer(reader)).status_code == 200
+    read = {
+        "finding": "pneumonia",
+        "agrees_with_ai": False,
+        "override_reason": "other",
+        "ai_score_shown": True,
+    }
+    assert client.post(f"/v1/studies/{case_id}/reads", json=read, headers=bearer(reader)).status_code == 201
+    assert login(client, "dr").status_code == 303
+    (row,) = client.get("/web/api/worklist").json()["items"]
+    assert row["id"] == dog and row["risk"] is None and row["reason"]
+    assert login(client, "aud").status_code == 303
+    page = client.get("/web/audit/monitoring").text
+    assert "not enough reads for an AUROC (1 of the 20 needed)" in page

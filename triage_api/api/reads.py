@@ -27,7 +27,7 @@ def _claim_out(case_id: str, claimed_by: int | None, claimed_at: object) -> Clai
 def claim_case(runtime: RuntimeDep, principal: Radiologist, case_id: str) -> ClaimOut:
     """Claim a case for reading (a soft lock other readers see)."""
     with transaction(runtime.factory) as session:
-        case = reading.claim(session, principal=principal, case_id=case_id)
+        case = reading.claim(session, principal=principal, case_id=case_id, settings=runtime.settings)
         return _claim_out(case.id, case.claimed_by, case.claimed_at)
 
 

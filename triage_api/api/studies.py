@@ -8,10 +8,11 @@ from fastapi import APIRouter, File, UploadFile
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from triage_api import cases, golive, ingest, reading
+from triage_api import appeals, cases, golive, ingest, reading
+from triage_api.auth import Role
 from triage_api.db import transaction
 from triage_api.deps import Reader, RuntimeDep, Uploader
-from triage_api.schemas import CaseRead, StudyCreated, case_read
+from triage_api.schemas import CaseRead, ClinicCase, StudyCreated, case_read
 
 router = APIRouter()
 
@@ -48,10 +49,13 @@ def upload_study(runtime: RuntimeDep, principal: Uploader, file: Annotated[Uploa
     return JSONResponse(body.model_dump(mode="json"), status_code=201 if created else 200)
 
 
-@router.get("/v1/studies/{case_id}", response_model=CaseRead)
-def get_study(runtime: RuntimeDep, principal: Reader, case_id: str) -> CaseRead:
-    """One case with its current prediction."""
+@router.get("/v1/studies/{case_id}", response_model=CaseRead | ClinicCase)
+def get_study(runtime: RuntimeDep, principal: Reader, case_id: str) -> CaseRead | ClinicCase:
+    """One case with its current prediction; a clinic sees where it stands and its result."""
     with transaction(runtime.factory) as session:
         case, prediction = cases.read_case(session, principal=principal, case_id=case_id)
+        if principal.role is Role.UPLOADER:
+            return appeals.clinic_view(session, [case])[0]
         shown = bool(golive.shown_cases(session, [case]))
-        return case_read(case, prediction, reading.primary_read(session, case.id), shown)
+        result = appeals.current_result(appeals.result_history(session, case.id))
+        return case_read(case, prediction, reading.primary_read(session, case.id), shown, result)

@@ -7,9 +7,9 @@ from sqlalchemy.exc import IntegrityError
 
 from triage_api import users
 from triage_api.db import transaction
-from triage_api.deps import Admin, RuntimeDep
+from triage_api.deps import Admin, Runtime, RuntimeDep
 from triage_api.errors import Conflict
-from triage_api.schemas import KeyRevoked, UserCreate, UserCreated
+from triage_api.schemas import KeyRevoked, UserCreate, UserCreated, UserState
 
 router = APIRouter()
 
@@ -30,6 +30,24 @@ def create_user(runtime: RuntimeDep, principal: Admin, body: UserCreate) -> User
             return UserCreated(id=user.id, name=user.name, role=body.role, clinics=body.clinics, api_key=key)
     except IntegrityError:
         raise Conflict("a user with that name exists") from None
+
+
+@router.post("/v1/users/{user_id}/disable", response_model=UserState)
+def disable_user(runtime: RuntimeDep, principal: Admin, user_id: int) -> UserState:
+    """Disable a user: no key, password or web session of theirs works; sessions end now."""
+    return _set_disabled(runtime, principal.actor, user_id, disabled=True)
+
+
+@router.post("/v1/users/{user_id}/enable", response_model=UserState)
+def enable_user(runtime: RuntimeDep, principal: Admin, user_id: int) -> UserState:
+    """Re-enable a disabled user: their unrevoked keys and password work again."""
+    return _set_disabled(runtime, principal.actor, user_id, disabled=False)
+
+
+def _set_disabled(runtime: Runtime, actor: str, user_id: int, *, disabled: bool) -> UserState:
+    with transaction(runtime.factory) as session:
+        user, ended = users.set_disabled(session, actor=actor, user_id=user_id, disabled=disabled)
+        return UserState(id=user.id, name=user.name, disabled=user.disabled, sessions_ended=ended)
 
 
 @router.delete("/v1/keys/{prefix}", response_model=KeyRevoked)

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlencode, urlsplit
 
 from fastapi import APIRouter, Cookie, Depends, FastAPI, Form, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,7 +42,6 @@ from triage_api.schemas import AppealCreate, AppealDecision, PriorityChange, Rea
 from triage_api.tables import Appeal, Case, Clinic, User
 from triage_api.vocab import (
     AppealCategory,
-    AppealOutcome,
     AppealStatus,
     CaseStatus,
     Finding,
@@ -59,7 +59,17 @@ LOGIN_COOKIE = "triage_login_csrf"
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 
 
+def utc(moment: datetime | str) -> str:
+    """The one way pages write a time: ``2026-03-01 14:05 UTC`` (worklist.js writes the same).
+
+    The audit log keeps its times as ISO 8601 text; those are read back first.
+    """
+    when = datetime.fromisoformat(moment) if isinstance(moment, str) else moment
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
 templates.env.filters["duration"] = charts.duration
+templates.env.filters["utc"] = utc
 router = APIRouter(include_in_schema=False)
 
 HOME = {
@@ -193,7 +203,9 @@ def _role(signed_in: Callable[..., WebUser], *roles: Role) -> Any:
 RadiologistPage = Annotated[WebUser, _role(_user, Role.RADIOLOGIST)]
 RadiologistForm = Annotated[WebUser, _role(_checked, Role.RADIOLOGIST)]
 RadiologistFetch = Annotated[WebUser, _role(_checked_json, Role.RADIOLOGIST)]
-ReaderPage = Annotated[WebUser, _role(_user, Role.RADIOLOGIST, Role.AUDITOR, Role.UPLOADER)]
+UnblindedPage = Annotated[WebUser, _role(_user, Role.RADIOLOGIST, Role.AUDITOR)]
+"""Pages with the AI's result (score, heat map) and readers' names: not for clinics, which
+see their cases, results and appeal outcomes on their own page (as ``ClinicCase`` says)."""
 UploaderPage = Annotated[WebUser, _role(_user, Role.UPLOADER)]
 UploaderForm = Annotated[WebUser, _role(_checked, Role.UPLOADER)]
 AuditorPage = Annotated[WebUser, _role(_user, Role.AUDITOR)]
@@ -229,11 +241,42 @@ def _names(session: Any, model: type[User] | type[Clinic], ids: set[int]) -> dic
 # --- login -------------------------------------------------------------------------------
 
 
+def safe_next(target: str | None) -> str | None:
+    """``target`` if it is a path on this site (``/web/...``), else None.
+
+    Login returns to the page asked for; anything that a browser could read as another
+    origin (``//host``, ``https://``, backslashes, control characters) is refused.
+    """
+    if not target or len(target) > 2000 or not target.startswith("/") or target.startswith("//"):
+        return None
+    if "\\" in target or any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in target):
+        return None
+    return target
+
+
+def _login_url(request: Request) -> str:
+    """Where an unauthenticated request is sent: the login page, remembering the page asked for
+    (for a POST, the page the form was on)."""
+    if request.method == "GET":
+        asked = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    else:
+        referer = urlsplit(request.headers.get("referer", ""))
+        same = referer.netloc == request.url.netloc
+        asked = referer.path + (f"?{referer.query}" if referer.query else "") if same else ""
+    target = safe_next(asked)
+    return f"/login?{urlencode({'next': target})}" if target else "/login"
+
+
 @router.get("/login", response_class=HTMLResponse)
-def login_form(request: Request, runtime: RuntimeDep, error: str | None = None) -> HTMLResponse:
+def login_form(
+    request: Request,
+    runtime: RuntimeDep,
+    error: str | None = None,
+    next_page: Annotated[str | None, Query(alias="next")] = None,
+) -> HTMLResponse:
     """The login page; a pre-session CSRF token the server MACed guards the form."""
     token = sessions.login_token(runtime.pseudonym_key)
-    response = _page(request, "login.html", None, token=token, error=error)
+    response = _page(request, "login.html", None, token=token, error=error, next=safe_next(next_page))
     response.set_cookie(
         LOGIN_COOKIE,
         token,
@@ -252,9 +295,10 @@ def login(
     username: Annotated[str, Form(max_length=100)],
     password: Annotated[str, Form(max_length=200)],
     csrf_token: Annotated[str | None, Form()] = None,
+    next_page: Annotated[str | None, Form(alias="next", max_length=2000)] = None,
     login_cookie: Annotated[str | None, Cookie(alias=LOGIN_COOKIE)] = None,
 ) -> Response:
-    """Check the password and open a session."""
+    """Check the password, open a session and go to the page asked for (on this site only)."""
     if not sessions.login_token_ok(runtime.pseudonym_key, login_cookie, csrf_token):
         raise CsrfRefused("the login form expired; reload the page and try again")
     with transaction(runtime.factory) as session:
@@ -270,9 +314,15 @@ def login(
         raise outcome
     if outcome is None:
         return _page(
-            request, "login.html", None, status=401, token=csrf_token, error="Wrong username or password."
+            request,
+            "login.html",
+            None,
+            status=401,
+            token=csrf_token,
+            error="Wrong username or password.",
+            next=safe_next(next_page),
         )
-    response = _back("/")
+    response = _back(safe_next(next_page) or "/")
     secure = runtime.settings.web_secure_cookie or request.url.scheme == "https"
     response.set_cookie(
         COOKIE,
@@ -329,7 +379,7 @@ def worklist_page(request: Request, runtime: RuntimeDep, user: RadiologistPage) 
 def worklist_json(
     request: Request,
     runtime: RuntimeDep,
-    user: ReaderPage,
+    user: UnblindedPage,
     clinic: Id | None = None,
     tier: Tier | None = None,
     status: CaseStatus | None = None,
@@ -342,10 +392,17 @@ def worklist_json(
         if clinic not in principal.clinic_ids:
             raise InvalidRequest("not one of your clinics")
         principal = Principal(principal.user_id, principal.role, frozenset({clinic}))
+    now = datetime.now(UTC)
+    filters: dict[str, Any] = {"status": status, "tier": tier, "unread": unread, "limit": limit}
     with runtime.reads() as session:
-        rows = cases.worklist(
-            session, principal=principal, status=status, tier=tier, unread=unread, limit=limit, audit=False
-        )
+        rows = cases.worklist(session, principal=principal, audit=False, **filters)
+        lapsed = any(reading.claim_lapsed(c, runtime.settings, now) for c in rows)
+    if lapsed:  # clear lapsed claims (audited), then list again
+        with transaction(runtime.factory) as session:
+            reading.expire_claims(session, principal=user.principal, settings=runtime.settings, now=now)
+    with runtime.reads() as session:
+        if lapsed:
+            rows = cases.worklist(session, principal=principal, audit=False, **filters)
         clinics = _names(session, Clinic, {c.clinic_id for c in rows})
         readers = _names(session, User, {c.claimed_by for c in rows if c.claimed_by is not None})
         visible = golive.shown_cases(session, rows)
@@ -354,6 +411,7 @@ def worklist_json(
                 "id": c.id,
                 "clinic": clinics.get(c.clinic_id, str(c.clinic_id)),
                 "status": c.status,
+                "reason": c.reason,
                 "tier": c.tier,
                 "ai_shown": c.id in visible,
                 "risk": c.risk if c.id in visible else None,
@@ -361,6 +419,7 @@ def worklist_json(
                 "received_at": c.received_at.isoformat(),
                 "claimed_by": readers.get(c.claimed_by) if c.claimed_by is not None else None,
                 "claimed_by_me": c.claimed_by == user.principal.user_id,
+                "claimed_at": c.claimed_at.isoformat() if c.claimed_at else None,
                 "model_version": c.model_ref if c.id in visible else None,
                 "calibration_id": c.calibration_id if c.id in visible else None,
             }
@@ -370,11 +429,11 @@ def worklist_json(
     key = (principal.user_id, principal.clinic_ids, tier, status, unread, limit)
     polls = _state(request).polls
     if polls.due(key, shown):
-        filters = {"status": status, "tier": tier, "unread": unread, "limit": limit, "offset": 0}
         with transaction(runtime.factory) as session:
-            cases.audit_worklist(session, principal=principal, filters=filters, count=len(rows))
+            shown_filters = {**filters, "offset": 0}
+            cases.audit_worklist(session, principal=principal, filters=shown_filters, count=len(rows))
         polls.audited(key, shown)
-    return {"now": datetime.now(UTC).isoformat(), "items": items}
+    return {"now": now.isoformat(), "items": items}
 
 
 def _card(runtime: Runtime, model_ref: str | None) -> ModelCard | None:
@@ -386,17 +445,18 @@ def _card(runtime: Runtime, model_ref: str | None) -> ModelCard | None:
 
 
 @router.get("/web/cases/{case_id}", response_class=HTMLResponse)
-def case_page(request: Request, runtime: RuntimeDep, user: ReaderPage, case_id: str) -> HTMLResponse:
+def case_page(request: Request, runtime: RuntimeDep, user: UnblindedPage, case_id: str) -> HTMLResponse:
     """The case viewer: picture, heat map, AI result with its model card, and the read."""
     with transaction(runtime.factory) as session:
         case, prediction = cases.read_case(session, principal=user.principal, case_id=case_id)
         ai = bool(golive.shown_cases(session, [case]))
-        first = reading.primary_read(session, case.id)
+        history = appeals.result_history(session, case.id)
+        first = next((read for read, appeal in history if appeal is None), None)
         clinic_row = session.get_one(Clinic, case.clinic_id)
         clinic, ai_mode = clinic_row.name, clinic_row.ai_mode
-        people = _names(session, User, {i for i in (case.claimed_by, first and first.reader_id) if i})
+        people = _names(session, User, {case.claimed_by or 0} | {read.reader_id for read, _ in history})
     claimed_by = people.get(case.claimed_by) if case.claimed_by else None
-    reader = people.get(first.reader_id) if first else None
+    now = datetime.now(UTC)
     return _page(
         request,
         "case.html",
@@ -406,9 +466,15 @@ def case_page(request: Request, runtime: RuntimeDep, user: ReaderPage, case_id: 
         ai_mode=ai_mode,
         prediction=prediction if ai else None,
         first=first,
-        reader=reader,
+        history=history,
+        result=appeals.current_result(history),
+        people=people,
         clinic=clinic,
         claimed_by=claimed_by,
+        claimed_by_me=case.claimed_by == user.principal.user_id,
+        claim_minutes=int((now - case.claimed_at).total_seconds() // 60) if case.claimed_at else None,
+        claim_lapsed=reading.claim_lapsed(case, runtime.settings, now),
+        claim_expiry=runtime.settings.claim_expiry_minutes,
         card=_card(runtime, case.model_ref) if ai else None,
         findings=list(Finding),
         reasons=list(OverrideReason),
@@ -433,7 +499,7 @@ def case_image(runtime: RuntimeDep, user: CurrentUser, case_id: str) -> Response
 
 
 @router.get("/web/cases/{case_id}/heatmap.png")
-def case_heatmap(runtime: RuntimeDep, user: CurrentUser, case_id: str) -> Response:
+def case_heatmap(runtime: RuntimeDep, user: UnblindedPage, case_id: str) -> Response:
     """The Grad-CAM overlay (same rules as ``GET /v1/studies/{id}/heatmap``)."""
     with transaction(runtime.factory) as session:
         case = imaging.heatmap_case(session, principal=user.principal, case_id=case_id)
@@ -444,7 +510,7 @@ def case_heatmap(runtime: RuntimeDep, user: CurrentUser, case_id: str) -> Respon
 def claim(runtime: RuntimeDep, user: RadiologistFetch, case_id: str) -> dict[str, Any]:
     """Claim the case (a fetch from the viewer; CSRF token in the header)."""
     with transaction(runtime.factory) as session:
-        case = reading.claim(session, principal=user.principal, case_id=case_id)
+        case = reading.claim(session, principal=user.principal, case_id=case_id, settings=runtime.settings)
         return {"case_id": case.id, "claimed": True}
 
 
@@ -528,7 +594,6 @@ def appeal_page(request: Request, runtime: RuntimeDep, user: RadiologistPage, ap
         appeal=appeal,
         case=case,
         findings=list(Finding),
-        outcomes=list(AppealOutcome),
     )
 
 
@@ -546,12 +611,11 @@ def decide_appeal(
     user: RadiologistForm,
     appeal_id: Id,
     finding: Annotated[str, Form()] = "",
-    outcome: Annotated[str, Form()] = "",
     rationale: Annotated[str, Form(max_length=4000)] = "",
 ) -> Response:
-    """Record the second read and the outcome for the clinic."""
+    """Record the second reader's own read; the service derives the outcome for the clinic."""
     try:
-        body = AppealDecision.model_validate({"finding": finding, "outcome": outcome, "rationale": rationale})
+        body = AppealDecision.model_validate({"finding": finding, "rationale": rationale})
     except ValidationError as exc:
         raise InvalidRequest(_fields(exc)) from None
     with transaction(runtime.factory) as session:
@@ -567,13 +631,14 @@ def clinic_page(request: Request, runtime: RuntimeDep, user: UploaderPage) -> HT
     """A clinic's cases and their status, its appeals and their outcomes."""
     with transaction(runtime.factory) as session:
         rows = cases.worklist(session, principal=user.principal, limit=500)
+        shown = appeals.clinic_view(session, rows)
         filed = appeals.list_appeals(session, principal=user.principal)
         second = {a.id: appeals.second_read(session, a) for a in filed}
     return _page(
         request,
         "clinic.html",
         user,
-        cases=rows,
+        cases=shown,
         appeals=filed,
         second=second,
         categories=list(AppealCategory),
@@ -773,6 +838,7 @@ def monitoring_page(
         days=days,
         charts=svgs,
         psi_bound=runtime.settings.alert_drift_psi,
+        min_reads=runtime.settings.alert_min_reads,
     )
 
 
@@ -789,12 +855,19 @@ def admin_page(request: Request, runtime: RuntimeDep, user: AdminPage) -> HTMLRe
 # --- wiring ----------------------------------------------------------------------------------
 
 
+API_PATHS = ("/v1/", "/web/api/", "/healthz", "/readyz", "/metrics", "/static/")
+"""Paths whose errors stay JSON (or plain) whatever the client accepts."""
+
+
 def _wants_html(request: Request) -> bool:
+    """Browser routes get HTML error pages; so does any other unknown path a browser asks for."""
     path = request.url.path
+    if path.startswith(API_PATHS) or "x-csrf-token" in request.headers:
+        return False
     return (
-        (path == "/" or path.startswith(("/web/", "/login", "/logout")))
-        and not path.startswith("/web/api/")
-        and "x-csrf-token" not in request.headers
+        path == "/"
+        or path.startswith(("/web/", "/login", "/logout"))
+        or ("text/html" in request.headers.get("accept", ""))
     )
 
 
@@ -812,8 +885,8 @@ def install(app: FastAPI) -> None:
     async def domain(request: Request, exc: Exception) -> Response:
         if not isinstance(exc, TriageError) or not _wants_html(request):
             return await _delegate(json_domain(request, exc))
-        if isinstance(exc, NotAuthenticated) and request.method == "GET":
-            return _back("/login")
+        if isinstance(exc, NotAuthenticated):
+            return _back(_login_url(request))
         user = _maybe_user(request)
         response = templates.TemplateResponse(
             request,

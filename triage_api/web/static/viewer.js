@@ -35,10 +35,19 @@
     if (state.heat && heat) { ctx.globalAlpha = 0.6; ctx.drawImage(heat, x, y, w, h); ctx.globalAlpha = 1; }
     root.dataset.ready = "1";
   }
+  function size() {
+    // The canvas's pixels must match its box on screen, or the browser stretches the picture:
+    // the box is as wide as the column and at most 78% of the window high, and draw() fits the
+    // image inside it with one scale for both axes (a radiograph is never distorted).
+    var width = Math.max(1, Math.round(canvas.parentNode.clientWidth));
+    var height = Math.max(1, Math.round(Math.min(width * 0.8, window.innerHeight * 0.78)));
+    canvas.style.height = height + "px";
+    if (canvas.width !== width || canvas.height !== height) { canvas.width = width; canvas.height = height; }
+  }
   function init(im) {
     src = im; work.width = im.naturalWidth; work.height = im.naturalHeight;
-    var rect = canvas.getBoundingClientRect();
-    canvas.width = Math.max(320, Math.round(rect.width)); canvas.height = Math.round(canvas.width * 0.8);
+    size();
+    window.addEventListener("resize", function () { size(); draw(); });
     var c = work.getContext("2d", { willReadFrequently: true }); c.drawImage(im, 0, 0);
     var px = c.getImageData(0, 0, work.width, work.height).data;
     grey = new Uint8Array(work.width * work.height);
@@ -97,5 +106,29 @@
         .catch(function (e) { document.getElementById("claim-state").textContent = e.message; });
     });
   });
+  // A typed read is kept in this tab (sessionStorage) until it is saved: if the session ended
+  // meanwhile, the reader signs in again, comes back to this page and finds it restored.
+  var readForm = document.getElementById("read-form"), draftKey = "triage.draft." + location.pathname;
+  if (new URLSearchParams(location.search).get("done") === "read") sessionStorage.removeItem(draftKey);
+  if (readForm) {
+    var draft = JSON.parse(sessionStorage.getItem(draftKey) || "null");
+    if (draft) {
+      Object.keys(draft).forEach(function (name) {
+        readForm.querySelectorAll('[name="' + name + '"]').forEach(function (el) {
+          if (el.type === "radio") el.checked = el.value === draft[name]; else el.value = draft[name];
+        });
+      });
+      var note = document.createElement("p");
+      note.id = "draft-restored"; note.className = "ok"; note.setAttribute("role", "status");
+      note.textContent = "Your unsaved read was restored: check it and save.";
+      readForm.prepend(note);
+    }
+    var keep = function () {
+      var d = {};
+      new FormData(readForm).forEach(function (v, k) { if (k !== "csrf_token") d[k] = v; });
+      sessionStorage.setItem(draftKey, JSON.stringify(d));
+    };
+    ["input", "change", "submit"].forEach(function (ev) { readForm.addEventListener(ev, keep); });
+  }
   loadImage(root.dataset.image).then(init).catch(function () { wlText.textContent = "image could not be loaded"; });
 })();

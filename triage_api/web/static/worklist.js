@@ -14,6 +14,10 @@
     var text = a >= 3600 ? Math.floor(a / 3600) + " h " + Math.floor((a % 3600) / 60) + " min" : Math.floor(a / 60) + " min " + (a % 60) + " s";
     return { over: over, text: over ? "overdue " + text : text };
   }
+  function age(since, now) {  // how long a claim has been held, e.g. "12 min"
+    var m = Math.max(0, Math.floor((now - Date.parse(since)) / 60000));
+    return m >= 60 ? Math.floor(m / 60) + " h " + (m % 60) + " min" : m + " min";
+  }
   function cell(tr, text, cls) { var td = document.createElement("td"); td.textContent = text; if (cls) td.className = cls; tr.appendChild(td); return td; }
   function render() {
     var now = Date.now(), rows = document.createDocumentFragment();
@@ -23,12 +27,14 @@
       if (l.over) tr.className = "overdue";
       var t = cell(tr, ""), badge = document.createElement("span");
       badge.className = "tier tier-" + it.tier; badge.textContent = it.tier; t.appendChild(badge);
-      cell(tr, it.risk === null ? "—" : (it.risk * 100).toFixed(1) + "%");
+      // A case without an AI result is never shown as low risk: it says so, with the reason.
+      if (it.risk === null) cell(tr, "no AI result" + (it.reason ? ": " + it.reason : " yet"), "no-ai");
+      else cell(tr, (it.risk * 100).toFixed(1) + "%");
       cell(tr, it.model_version === null ? "—" : it.model_version + (it.calibration_id === null ? "" : " · cal #" + it.calibration_id));
       cell(tr, l.text, "left");
       cell(tr, it.status.replace("_", " "));
       cell(tr, it.clinic);
-      cell(tr, it.claimed_by ? (it.claimed_by_me ? "you" : it.claimed_by) : "—");
+      cell(tr, it.claimed_by ? (it.claimed_by_me ? "you" : it.claimed_by) + " · " + age(it.claimed_at, now) : "—", "claim");
       var c = cell(tr, ""), a = document.createElement("a");
       a.href = "/web/cases/" + encodeURIComponent(it.id); a.textContent = it.id.slice(0, 12); c.appendChild(a);
       if (i === selected) tr.classList.add("selected");
@@ -60,7 +66,7 @@
         selected = keep >= 0 ? keep : Math.min(selected, Math.max(items.length - 1, 0));
         render();
         document.body.dataset.renderMs = (performance.now() - t0).toFixed(2);  // read by bench/worklist_page.py
-        live.textContent = items.length + " cases · updated " + new Date().toLocaleTimeString();
+        live.textContent = items.length + " cases · updated " + data.now.slice(0, 10) + " " + data.now.slice(11, 16) + " UTC";
         document.body.dataset.polls = String(Number(document.body.dataset.polls || 0) + 1);
       })
       .catch(function (e) { if (mine === seq) live.textContent = "update failed (" + e.message + "); retrying"; })

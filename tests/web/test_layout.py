@@ -1,0 +1,52 @@
+"""Layout and chrome: phones do not scroll sideways, unknown pages are HTML, one time format."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from tests.web.conftest import Site
+
+PHONE = {"width": 390, "height": 844}
+
+
+def test_unknown_browser_paths_get_an_html_page_and_api_paths_json(client: TestClient) -> None:
+    for path in ("/web/nothing-here", "/nothing-here"):
+        page = client.get(path, headers={"Accept": "text/html,application/xhtml+xml"})
+        assert page.status_code == 404 and page.headers["content-type"].startswith("text/html"), path
+        assert "<h1>Not found</h1>" in page.text and 'rel="icon"' in page.text
+    for path in ("/v1/nothing-here", "/web/api/nothing-here"):
+        api = client.get(path, headers={"Accept": "text/html"})
+        assert api.status_code == 404 and api.json()["error"]["code"], path
+    icon = client.get("/static/favicon.svg")
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+
+
+def test_no_page_is_wider_than_a_phone(site: Site, browser: Any) -> None:
+    case_id = site.upload("up-north", 31)
+    site.wait_scored("dr-north", case_id)
+    pages = {
+        "dr-north": ["/web/worklist", f"/web/cases/{case_id}"],
+        "up-north": ["/web/clinic"],
+        "auditor": ["/web/audit", "/web/audit/log", "/web/audit/monitoring"],
+        "admin": ["/web/admin", "/web/nothing-here"],
+    }
+    for user, paths in pages.items():
+        page = site.login(browser, user)
+        page.set_viewport_size(PHONE)
+        for path in paths:
+            page.goto(site.base + path)
+            if path == "/web/worklist":
+                page.wait_for_selector(f"#worklist tr[data-case='{case_id}']")
+            wide = page.evaluate("document.documentElement.scrollWidth")
+            assert wide <= PHONE["width"], (path, wide)
+            for title in page.locator("svg title, svg text, figcaption").all_text_contents():
+                assert not title.endswith(("…", "...")), (path, title)
+            times = re.findall(
+                r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d[^\s<]*(?: UTC)?", page.locator("main").inner_text()
+            )
+            for shown in times:
+                assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", shown), (path, shown)
+        page.context.close()

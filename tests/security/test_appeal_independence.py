@@ -8,15 +8,19 @@ from triage_api import auth, passwords
 from triage_api.auth import Role
 from triage_api.db import transaction
 
+OVERRIDE = {"finding": "normal", "agrees_with_ai": False, "override_reason": "other", "ai_score_shown": True}
+
 
 def _appealed_case(site: Site) -> tuple[str, int]:
     uploader = site.keys["uploader-north"]
     study = (DATA / "cr_chest_pa_jpeg_baseline_siim.dcm").read_bytes()
     case_id = str(upload(site.client, uploader, study).json()["id"])
     wait_for(site.client, uploader, case_id)
+    claim = site.client.post(f"/v1/studies/{case_id}/claim", headers=site.headers("radiologist-north"))
+    assert claim.status_code == 200, claim.text
     read = site.client.post(
         f"/v1/studies/{case_id}/reads",
-        json={"finding": "normal", "agrees_with_ai": True, "ai_score_shown": True},
+        json=OVERRIDE,
         headers=site.headers("radiologist-north"),
     )
     assert read.status_code == 201, read.text

@@ -66,7 +66,36 @@ ALLOWED: dict[tuple[str, str], set[str]] = {
     ("GET", "/v1/metrics/model"): {A},
     ("GET", "/v1/audit"): {A},
     ("GET", "/v1/health"): {ADM, A},
+    ("POST", "/v1/users/{user_id}/disable"): {ADM},
+    ("POST", "/v1/users/{user_id}/enable"): {ADM},
+    ("PUT", "/v1/clinics/{clinic}/ai-mode"): {ADM},
+    ("GET", "/v1/clinics/{clinic}/validation"): {ADM, A},
+    ("GET", "/v1/clinics/{clinic}/comparison"): {ADM, A},
+    ("POST", "/v1/clinics/{clinic}/calibrations"): {ADM},
+    ("GET", "/v1/clinics/{clinic}/calibrations"): {ADM, A},
+    ("POST", "/v1/calibrations/{calibration_id}/approve"): {ADM, A},
+    ("POST", "/v1/calibrations/{calibration_id}/reject"): {ADM, A},
+    ("POST", "/v1/calibrations/{calibration_id}/rollback"): {ADM, A},
+    ("POST", "/v1/clinics/{clinic}/webhooks"): {ADM},
+    ("GET", "/v1/clinics/{clinic}/webhooks"): {ADM},
+    ("DELETE", "/v1/clinics/{clinic}/webhooks/{webhook_id}"): {ADM},
+    ("POST", "/v1/clinics/{clinic}/webhooks/{webhook_id}/rotate"): {ADM},
+    ("GET", "/v1/clinics/{clinic}/webhooks/{webhook_id}/deliveries"): {ADM},
+    ("POST", "/v1/clinics/{clinic}/webhooks/{webhook_id}/deliveries/{delivery_id}/resend"): {ADM},
+    ("GET", "/v1/worklist/stream"): {U, R, A},
+    ("GET", "/web/api/worklist/stream"): {R, A},
+    ("POST", "/dicom-web/studies"): {U},
+    ("GET", "/dicom-web/studies"): {R, A},
+    ("GET", "/dicom-web/studies/{study}/series"): {R, A},
+    ("GET", "/dicom-web/studies/{study}/instances"): {R, A},
+    ("GET", "/dicom-web/studies/{study}/series/{series}/instances"): {R, A},
+    ("GET", "/dicom-web/studies/{study}/metadata"): {R, A},
+    ("GET", "/dicom-web/studies/{study}/series/{series}/metadata"): {R, A},
+    ("GET", "/dicom-web/studies/{study}/series/{series}/instances/{sop}"): {R, A},
+    ("GET", "/dicom-web/studies/{study}/series/{series}/instances/{sop}/frames/{frame_list}"): {R, A},
 }
+STREAMS = {("GET", "/v1/worklist/stream"), ("GET", "/web/api/worklist/stream")}
+"""Event streams stay open for minutes by design: tests/test_live.py checks who may open them."""
 SITE_WIDE = {("GET", "/metrics"), ("GET", "/v1/health")}
 """Allowed routes about no clinic's data (fleet counts)."""
 
@@ -89,13 +118,39 @@ def north(site: Site) -> dict[str, str]:
         site.client, uploader, (DATA / "cr_chest_pa_jpeg_baseline_siim.dcm").read_bytes()
     ).json()["id"]
     wait_for(site.client, uploader, case_id)
+    reader = site.headers("radiologist-north")
+    assert site.client.post(f"/v1/studies/{case_id}/claim", headers=reader).status_code == 200
+    read = site.client.post(
+        f"/v1/studies/{case_id}/reads",
+        json={
+            "finding": "normal",
+            "agrees_with_ai": False,
+            "override_reason": "other",
+            "ai_score_shown": True,
+        },
+        headers=reader,
+    )
+    assert read.status_code == 201, read.text
     appeal = site.client.post(
         "/v1/appeals",
         json={"case_id": case_id, "category": "other", "grounds": "g", "contact_reference": "r"},
         headers=site.headers("uploader-north"),
     )
     assert appeal.status_code == 201, appeal.text
-    return {"case_id": case_id, "appeal_id": str(appeal.json()["id"]), "prefix": "0123456789ab"}
+    return {
+        "case_id": case_id,
+        "appeal_id": str(appeal.json()["id"]),
+        "prefix": "0123456789ab",
+        "clinic": "north",
+        "user_id": "987654",
+        "calibration_id": "987654",
+        "webhook_id": "987654",
+        "delivery_id": "987654",
+        "study": "1.2.3",
+        "series": "1.2.3.4",
+        "sop": "1.2.3.4.5",
+        "frame_list": "1",
+    }
 
 
 def _role(user: str) -> str:
@@ -108,12 +163,12 @@ def test_no_cell_leaks_or_fails(site: Site, north: dict[str, str]) -> None:
     web = {user: site.web(user) for user in users}
     for method, path in _routes(site):
         allowed = ALLOWED[(method, path)]
-        if allowed == PUBLIC or (method, path) in {("POST", "/v1/studies"), ("POST", "/logout")}:
+        if allowed == PUBLIC or (method, path) in {("POST", "/v1/studies"), ("POST", "/logout")} | STREAMS:
             continue
         url = path.format(**north)
         body: dict[str, Any] | None = {} if method in ("POST", "DELETE") else None
         for user in users:
-            if path.startswith("/v1/") or path == "/metrics":
+            if path.startswith(("/v1/", "/dicom-web/")) or path == "/metrics":
                 answer = site.client.request(method, url, json=body, headers=site.headers(user))
             else:
                 answer = web[user].request(method, url, data=body, follow_redirects=False)

@@ -54,8 +54,12 @@ def test_the_appeal_image_is_pixels_only(site: Site) -> None:
     uploader = site.keys["uploader-north"]
     case_id = upload(site.client, uploader, _identified_study()).json()["id"]
     wait_for(site.client, uploader, case_id)
-    read = {"finding": "normal", "agrees_with_ai": True, "ai_score_shown": True}
-    site.client.post(f"/v1/studies/{case_id}/reads", json=read, headers=site.headers("radiologist-north"))
+    read = {"finding": "normal", "agrees_with_ai": False, "override_reason": "other", "ai_score_shown": True}
+    site.client.post(f"/v1/studies/{case_id}/claim", headers=site.headers("radiologist-north"))
+    answer = site.client.post(
+        f"/v1/studies/{case_id}/reads", json=read, headers=site.headers("radiologist-north")
+    )
+    assert answer.status_code == 201, answer.text
     appeal = site.client.post(
         "/v1/appeals",
         json={

@@ -22,7 +22,12 @@ def test_no_generated_request_gets_a_5xx(site: Site) -> None:
     users = sorted(site.keys)
     failures: list[str] = []
     sent: list[int] = []
-    operations = [result.ok() for result in schema.get_all_operations()]  # type: ignore[union-attr]
+    # Event streams stay open for minutes by design; tests/test_live.py drives them.
+    operations = [
+        operation
+        for operation in (result.ok() for result in schema.get_all_operations())  # type: ignore[union-attr]
+        if not operation.path.endswith("/stream")
+    ]
     assert len(operations) >= 20
     for operation in operations:
 

@@ -9,6 +9,7 @@ from triage_api import users
 from triage_api.db import transaction
 from triage_api.deps import Admin, Runtime, RuntimeDep
 from triage_api.errors import Conflict
+from triage_api.params import Id
 from triage_api.schemas import KeyRevoked, UserCreate, UserCreated, UserState
 
 router = APIRouter()
@@ -33,13 +34,13 @@ def create_user(runtime: RuntimeDep, principal: Admin, body: UserCreate) -> User
 
 
 @router.post("/v1/users/{user_id}/disable", response_model=UserState)
-def disable_user(runtime: RuntimeDep, principal: Admin, user_id: int) -> UserState:
+def disable_user(runtime: RuntimeDep, principal: Admin, user_id: Id) -> UserState:
     """Disable a user: no key, password or web session of theirs works; sessions end now."""
     return _set_disabled(runtime, principal.actor, user_id, disabled=True)
 
 
 @router.post("/v1/users/{user_id}/enable", response_model=UserState)
-def enable_user(runtime: RuntimeDep, principal: Admin, user_id: int) -> UserState:
+def enable_user(runtime: RuntimeDep, principal: Admin, user_id: Id) -> UserState:
     """Re-enable a disabled user: their unrevoked keys and password work again."""
     return _set_disabled(runtime, principal.actor, user_id, disabled=False)
 

@@ -299,7 +299,9 @@ def test_doctor_names_what_to_fix(tmp_path: Path, database_url: str, tiny_bundle
     healthy = run_triage(env, "doctor")
     assert healthy.returncode == 0, healthy.stdout
     assert "OK    database" in healthy.stdout and "OK    model: tiny-test" in healthy.stdout
-    assert "WARN  key placement" in healthy.stdout  # the default key lives in the data directory
+    assert "WARN  key placement" not in healthy.stdout  # the default key lives outside the data
+    inside = {**env, "TRIAGE_AUDIT_KEY_FILE": str(tmp_path / "var" / "audit.key")}
+    assert "WARN  key placement" in run_triage(inside, "doctor").stdout  # a key beside the data
 
     (tmp_path / "var").chmod(0o755)
     weights = bundle / "weights.safetensors"

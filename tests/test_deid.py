@@ -183,9 +183,15 @@ def test_export_dicom_writes_deidentified_studies_and_reads_twice_alike(
     case_id = upload(client, uploader, planted()).json()["id"]
     refused_id = upload(client, uploader, planted(burned_in=None, patient="P2")).json()["id"]
     wait_for(client, reader, case_id)
+    assert client.post(f"/v1/studies/{case_id}/claim", headers=bearer(reader)).status_code == 200
     read = client.post(
         f"/v1/studies/{case_id}/reads",
-        json={"finding": "normal", "agrees_with_ai": True, "ai_score_shown": True},
+        json={
+            "finding": "normal",
+            "agrees_with_ai": False,
+            "override_reason": "other",
+            "ai_score_shown": True,
+        },
         headers=bearer(reader),
     )
     assert read.status_code == 201, read.text
@@ -212,7 +218,7 @@ def test_export_dicom_writes_deidentified_studies_and_reads_twice_alike(
             assert value.encode() not in data, (path.name, value)
     [row] = list(csv.DictReader(io.StringIO((first / "reads.csv").read_text())))
     assert row["file"] == files[0] and row["study_uid"] == one.StudyInstanceUID
-    assert (row["finding"], row["ai_score_shown"], row["agrees_with_ai"]) == ("normal", "True", "True")
+    assert (row["finding"], row["ai_score_shown"], row["agrees_with_ai"]) == ("normal", "True", "False")
     assert row["ai_model"] == "tiny-test@0.0.1" and float(row["ai_risk"]) >= 0
     assert case_id not in (first / "reads.csv").read_text()
 

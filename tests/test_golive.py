@@ -143,6 +143,7 @@ def test_shadow_hides_the_ai_everywhere(
     assert client.get(f"/v1/studies/{hidden}/heatmap", headers=reader).status_code == 404
 
     # A read in shadow is AI-blind by the server's word, whatever the client says.
+    assert client.post(f"/v1/studies/{hidden}/claim", headers=reader).status_code == 200
     agreed = client.post(
         f"/v1/studies/{hidden}/reads",
         json={"finding": "pneumonia", "agrees_with_ai": True, "ai_score_shown": True},
@@ -285,6 +286,7 @@ def test_a_live_clinic_sample_is_read_ai_blind_and_audited(
         ).scalar_one()
         assert event.details is not None and "blind_sample" in str(event.details)
         user = session.execute(select(User).where(User.role == "radiologist")).scalar_one()
+    assert client.post(f"/v1/studies/{case_id}/claim", headers=reader).status_code == 200
     read = client.post(
         f"/v1/studies/{case_id}/reads", json={"finding": "normal", "ai_score_shown": True}, headers=reader
     )

@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import cookie_parser
+from starlette.requests import Request, cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from audit.checkpoint import ChainBroken, Checkpointer
@@ -105,7 +105,9 @@ class BodyGate:
             if not scope["path"].startswith(("/v1/", "/dicom-web/")) and b"x-csrf-token" not in dict(
                 scope["headers"]
             ):
-                refusal = RedirectResponse("/login", status_code=303)  # a browser's form post
+                refusal = RedirectResponse(
+                    web_views.login_url(Request(scope)), status_code=303
+                )  # a form post
             await refusal(scope, receive, send)
             return
         seen = 0
@@ -137,7 +139,7 @@ SECURITY_HEADERS = (
     (b"content-security-policy", PAGE_POLICY.encode()),
     (b"x-frame-options", b"DENY"),
     (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
+    (b"referrer-policy", b"same-origin"),  # login returns to a form's page; nothing leaves
 )
 PUBLIC_PREFIXES = ("/static/",)
 """Paths that never carry patient data; every other response may, and is never stored."""

@@ -12,7 +12,7 @@ from tests.security.conftest import Site
 PROTECTIONS = {
     "x-frame-options": "DENY",
     "x-content-type-options": "nosniff",
-    "referrer-policy": "no-referrer",
+    "referrer-policy": "same-origin",
 }
 
 

@@ -328,6 +328,7 @@ def test_cli_disables_enables_and_resets_a_password(
     tmp_path: Path, database_url: str, tiny_bundle: Path
 ) -> None:
     env = triage_env(tmp_path, database_url, tiny_bundle)
+    assert run_triage(env, "migrate").returncode == 0
     made = run_triage(
         {**env, "TRIAGE_NEW_PASSWORD": PASSWORD},
         *("users", "add", "--name", "dr-cli", "--role", "radiologist", "--clinic", "north", "--password"),

@@ -254,7 +254,7 @@ def safe_next(target: str | None) -> str | None:
     return target
 
 
-def _login_url(request: Request) -> str:
+def login_url(request: Request) -> str:
     """Where an unauthenticated request is sent: the login page, remembering the page asked for
     (for a POST, the page the form was on)."""
     if request.method == "GET":
@@ -886,7 +886,7 @@ def install(app: FastAPI) -> None:
         if not isinstance(exc, TriageError) or not _wants_html(request):
             return await _delegate(json_domain(request, exc))
         if isinstance(exc, NotAuthenticated):
-            return _back(_login_url(request))
+            return _back(login_url(request))
         user = _maybe_user(request)
         response = templates.TemplateResponse(
             request,

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import pydicom
 import requests
-import torch
 import uvicorn
 from fastapi import FastAPI
 from pydicom.uid import generate_uid
@@ -38,9 +37,8 @@ from sqlalchemy import select
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.bundle import create_network, save_bundle  # noqa: E402
-from models.preprocess import Preprocessing  # noqa: E402
 from tests import orthanc_pacs  # noqa: E402
+from tests.bundles import save_tiny_bundle  # noqa: E402
 from triage_api import auth  # noqa: E402
 from triage_api.app import create_app  # noqa: E402
 from triage_api.db import transaction  # noqa: E402
@@ -81,23 +79,7 @@ def storescu(port: int, called: str, files: list[Path]) -> float:
 
 
 def tiny_bundle(folder: Path) -> Path:
-    torch.manual_seed(0)
-    path = folder / "tiny"
-    save_bundle(
-        path,
-        {
-            "name": "tiny-bench",
-            "version": "0.0.1",
-            "architecture": "tf_efficientnet_lite0",
-            "labels": ("normal", "pneumonia"),
-            "positive_label": "pneumonia",
-            "preprocessing": Preprocessing(input_size=64),
-            "thresholds": {"critical": 0.9, "elevated": 0.5},
-            "intended_use": {"summary": "benchmark plumbing only"},
-        },
-        create_network("tf_efficientnet_lite0", num_classes=2).state_dict(),
-    )
-    return path
+    return save_tiny_bundle(folder / "tiny", name="tiny-bench", summary="benchmark plumbing only")
 
 
 def serve(settings: Settings) -> tuple[uvicorn.Server, threading.Thread, str]:

@@ -10,13 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
-from models.bundle import create_network, save_bundle
-from models.preprocess import Preprocessing
+from tests.bundles import save_tiny_bundle
 from triage_api import auth
 from triage_api.app import create_app
 from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
@@ -43,24 +41,7 @@ def shared_data(*parts: str) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real timm network with seeded random weights at 64 px: plumbing, not accuracy."""
-    torch.manual_seed(0)
-    network = create_network("tf_efficientnet_lite0", num_classes=2)
-    path = tmp_path_factory.mktemp("bundle") / "tiny"
-    save_bundle(
-        path,
-        {
-            "name": "tiny-test",
-            "version": "0.0.1",
-            "architecture": "tf_efficientnet_lite0",
-            "labels": ("normal", "pneumonia"),
-            "positive_label": "pneumonia",
-            "preprocessing": Preprocessing(input_size=64),
-            "thresholds": {"critical": 0.9, "elevated": 0.5},
-            "intended_use": {"summary": "plumbing tests only"},
-        },
-        network.state_dict(),
-    )
-    return path
+    return save_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
 
 
 @pytest.fixture
@@ -135,6 +116,28 @@ def runtime_of(client: TestClient) -> Runtime:
     """The running app's engine, sessions and settings."""
     runtime: Runtime = app_of(client).state.runtime
     return runtime
+
+
+OVERRIDE_READ = {
+    "finding": "normal",
+    "agrees_with_ai": False,
+    "override_reason": "other",
+    "ai_score_shown": True,
+}
+"""A final read that overrides the AI: valid whatever tier the random tiny model gave."""
+
+
+def claim_and_override(
+    client: TestClient, headers: dict[str, str], case_id: str, finding: str = "normal"
+) -> Any:
+    """Claim ``case_id`` and save :data:`OVERRIDE_READ` (with ``finding``); the read's JSON."""
+    claim = client.post(f"/v1/studies/{case_id}/claim", headers=headers)
+    assert claim.status_code == 200, claim.text
+    read = client.post(
+        f"/v1/studies/{case_id}/reads", json={**OVERRIDE_READ, "finding": finding}, headers=headers
+    )
+    assert read.status_code == 201, read.text
+    return read.json()
 
 
 def wait_for(client: TestClient, key: str, case_id: str, timeout: float = 60.0) -> dict[str, Any]:

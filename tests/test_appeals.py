@@ -6,7 +6,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from audit.log import AuditEvent
-from tests.conftest import DATA, MakeKey, bearer, runtime_of, upload, wait_for
+from tests.conftest import DATA, MakeKey, bearer, claim_and_override, runtime_of, upload, wait_for
 from triage_api.appeals import outcome_of
 from triage_api.vocab import AppealOutcome, Finding
 
@@ -18,18 +18,7 @@ def read_case(client: TestClient, make_key: MakeKey) -> tuple[str, str, dict[str
     )
     wait_for(client, uploader, case_id)
     first = bearer(make_key("radiologist", "north"))
-    assert client.post(f"/v1/studies/{case_id}/claim", headers=first).status_code == 200
-    read = client.post(
-        f"/v1/studies/{case_id}/reads",
-        json={
-            "finding": "normal",
-            "agrees_with_ai": False,
-            "override_reason": "other",
-            "ai_score_shown": True,
-        },
-        headers=first,
-    )
-    assert read.status_code == 201
+    claim_and_override(client, first, case_id)
     return case_id, uploader, first
 
 

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from audit.log import AuditEvent
-from tests.conftest import DATA, MakeKey, bearer, shared_data, upload, wait_for
+from tests.conftest import DATA, MakeKey, bearer, claim_and_override, shared_data, upload, wait_for
 from triage_api import cli
 from triage_api.deid import Pseudonyms, deidentify
 from triage_api.settings import Settings
@@ -183,18 +183,7 @@ def test_export_dicom_writes_deidentified_studies_and_reads_twice_alike(
     case_id = upload(client, uploader, planted()).json()["id"]
     refused_id = upload(client, uploader, planted(burned_in=None, patient="P2")).json()["id"]
     wait_for(client, reader, case_id)
-    assert client.post(f"/v1/studies/{case_id}/claim", headers=bearer(reader)).status_code == 200
-    read = client.post(
-        f"/v1/studies/{case_id}/reads",
-        json={
-            "finding": "normal",
-            "agrees_with_ai": False,
-            "override_reason": "other",
-            "ai_score_shown": True,
-        },
-        headers=bearer(reader),
-    )
-    assert read.status_code == 201, read.text
+    claim_and_override(client, bearer(reader), case_id)
     monkeypatch.setenv("TRIAGE_DATA_DIR", str(settings.data_dir))
     monkeypatch.setenv("TRIAGE_DATABASE_URL", settings.sqlalchemy_url)
     first, second = tmp_path / "first", tmp_path / "second"

@@ -20,14 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from audit.log import AuditEvent
-from models.bundle import create_network, save_bundle
-from models.preprocess import Preprocessing
+from tests.bundles import save_tiny_bundle
 from tests.conftest import MakeKey, bearer, upload, wait_for
 from tests.test_cli import free_port
 from tests.test_phi import CANARIES, with_canaries
@@ -43,22 +41,7 @@ TOLERANCE = timedelta(minutes=5)
 
 def save_critical_bundle(path: Path) -> Path:
     """The tiny plumbing network with thresholds at 0: every scored study is critical."""
-    torch.manual_seed(0)
-    save_bundle(
-        path,
-        {
-            "name": "tiny-critical",
-            "version": "0.0.1",
-            "architecture": "tf_efficientnet_lite0",
-            "labels": ("normal", "pneumonia"),
-            "positive_label": "pneumonia",
-            "preprocessing": Preprocessing(input_size=64),
-            "thresholds": {"critical": 0.0, "elevated": 0.0},
-            "intended_use": {"summary": "plumbing tests only"},
-        },
-        create_network("tf_efficientnet_lite0", num_classes=2).state_dict(),
-    )
-    return path
+    return save_tiny_bundle(path, name="tiny-critical", thresholds={"critical": 0.0, "elevated": 0.0})
 
 
 @pytest.fixture(scope="session")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from tests.conftest import DATA, runtime_of, upload, wait_for
+from tests.conftest import DATA, claim_and_override, runtime_of, upload, wait_for
 from tests.security.conftest import PASSWORD, Site
 from triage_api import auth, passwords
 from triage_api.auth import Role
 from triage_api.db import transaction
-
-OVERRIDE = {"finding": "normal", "agrees_with_ai": False, "override_reason": "other", "ai_score_shown": True}
 
 
 def _appealed_case(site: Site) -> tuple[str, int]:
@@ -16,14 +14,7 @@ def _appealed_case(site: Site) -> tuple[str, int]:
     study = (DATA / "cr_chest_pa_jpeg_baseline_siim.dcm").read_bytes()
     case_id = str(upload(site.client, uploader, study).json()["id"])
     wait_for(site.client, uploader, case_id)
-    claim = site.client.post(f"/v1/studies/{case_id}/claim", headers=site.headers("radiologist-north"))
-    assert claim.status_code == 200, claim.text
-    read = site.client.post(
-        f"/v1/studies/{case_id}/reads",
-        json=OVERRIDE,
-        headers=site.headers("radiologist-north"),
-    )
-    assert read.status_code == 201, read.text
+    claim_and_override(site.client, site.headers("radiologist-north"), case_id)
     appeal = site.client.post(
         "/v1/appeals",
         json={

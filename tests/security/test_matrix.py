@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import DATA, app_of, upload, wait_for
+from tests.conftest import DATA, app_of, claim_and_override, upload, wait_for
 from tests.security.conftest import Site, api_routes
 
 R, U, A, ADM = "radiologist", "uploader", "auditor", "admin"
@@ -118,19 +118,7 @@ def north(site: Site) -> dict[str, str]:
         site.client, uploader, (DATA / "cr_chest_pa_jpeg_baseline_siim.dcm").read_bytes()
     ).json()["id"]
     wait_for(site.client, uploader, case_id)
-    reader = site.headers("radiologist-north")
-    assert site.client.post(f"/v1/studies/{case_id}/claim", headers=reader).status_code == 200
-    read = site.client.post(
-        f"/v1/studies/{case_id}/reads",
-        json={
-            "finding": "normal",
-            "agrees_with_ai": False,
-            "override_reason": "other",
-            "ai_score_shown": True,
-        },
-        headers=reader,
-    )
-    assert read.status_code == 201, read.text
+    claim_and_override(site.client, site.headers("radiologist-north"), case_id)
     appeal = site.client.post(
         "/v1/appeals",
         json={"case_id": case_id, "category": "other", "grounds": "g", "contact_reference": "r"},

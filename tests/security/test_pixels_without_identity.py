@@ -10,7 +10,7 @@ import pydicom
 from sqlalchemy import select
 
 from audit.log import AuditEvent
-from tests.conftest import DATA, runtime_of, upload, wait_for
+from tests.conftest import DATA, claim_and_override, runtime_of, upload, wait_for
 from tests.security.conftest import Site
 
 IDENTITY = (b"Doe^Jane", b"PID-31337", b"19700101")
@@ -54,12 +54,7 @@ def test_the_appeal_image_is_pixels_only(site: Site) -> None:
     uploader = site.keys["uploader-north"]
     case_id = upload(site.client, uploader, _identified_study()).json()["id"]
     wait_for(site.client, uploader, case_id)
-    read = {"finding": "normal", "agrees_with_ai": False, "override_reason": "other", "ai_score_shown": True}
-    site.client.post(f"/v1/studies/{case_id}/claim", headers=site.headers("radiologist-north"))
-    answer = site.client.post(
-        f"/v1/studies/{case_id}/reads", json=read, headers=site.headers("radiologist-north")
-    )
-    assert answer.status_code == 201, answer.text
+    claim_and_override(site.client, site.headers("radiologist-north"), case_id)
     appeal = site.client.post(
         "/v1/appeals",
         json={

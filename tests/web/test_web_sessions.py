@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from audit.log import AuditEvent
-from tests.conftest import DATA, MakeKey, bearer, runtime_of, upload, wait_for
+from tests.conftest import DATA, MakeKey, bearer, claim_and_override, runtime_of, upload, wait_for
 from tests.test_cli import run_triage, triage_env
 from triage_api import auth, passwords
 from triage_api.db import make_engine, make_sessionmaker, migrate, transaction
@@ -226,18 +226,7 @@ def test_heatmap_route_follows_the_image_rules(
     assert missing.status_code == 404 and "no AI result" in missing.json()["error"]["message"]
     # The blinded appeal reader gets no heat map.
     second = make_key("radiologist", "north")
-    assert client.post(f"/v1/studies/{case_id}/claim", headers=bearer(reader)).status_code == 200
-    read = client.post(
-        f"/v1/studies/{case_id}/reads",
-        json={
-            "finding": "normal",
-            "agrees_with_ai": False,
-            "override_reason": "other",
-            "ai_score_shown": True,
-        },
-        headers=bearer(reader),
-    )
-    assert read.status_code == 201, read.text
+    claim_and_override(client, bearer(reader), case_id)
     appeal = client.post(
         "/v1/appeals",
         json={"case_id": case_id, "category": "other", "grounds": "g", "contact_reference": "r"},
@@ -458,14 +447,7 @@ def test_monitoring_says_not_enough_reads_and_the_worklist_gives_the_no_ai_reaso
     dog = upload(client, uploader, (DATA / "dx_thorax_dog_monochrome1.dcm").read_bytes()).json()["id"]
     wait_for(client, uploader, case_id)
     wait_for(client, uploader, dog)
-    assert client.post(f"/v1/studies/{case_id}/claim", headers=bearer(reader)).status_code == 200
-    read = {
-        "finding": "pneumonia",
-        "agrees_with_ai": False,
-        "override_reason": "other",
-        "ai_score_shown": True,
-    }
-    assert client.post(f"/v1/studies/{case_id}/reads", json=read, headers=bearer(reader)).status_code == 201
+    claim_and_override(client, bearer(reader), case_id, finding="pneumonia")
     assert login(client, "dr").status_code == 303
     (row,) = client.get("/web/api/worklist").json()["items"]
     assert row["id"] == dog and row["risk"] is None and row["reason"]

@@ -550,10 +550,9 @@ def charts_for_metrics(
     }
 
 
-def calibration_svg(metrics: Mapping[str, Any]) -> str:
-    """Reliability diagram from ``metrics["ai_vs_final_read"]["calibration"]``."""
-    calibration = _get(metrics, "ai_vs_final_read", "calibration") or {}
-    bins = [
+def _reliability_bins(calibration: Mapping[str, Any]) -> list[ReliabilityBin]:
+    """The bins of a calibration summary (``models.metrics`` shape), as the chart draws them."""
+    return [
         ReliabilityBin(
             low=_num(b.get("low")),
             high=_num(b.get("high")),
@@ -563,6 +562,12 @@ def calibration_svg(metrics: Mapping[str, Any]) -> str:
         )
         for b in calibration.get("bins") or []
     ]
+
+
+def calibration_svg(metrics: Mapping[str, Any]) -> str:
+    """Reliability diagram from ``metrics["ai_vs_final_read"]["calibration"]``."""
+    calibration = _get(metrics, "ai_vs_final_read", "calibration") or {}
+    bins = _reliability_bins(calibration)
     return reliability_svg(
         bins, ece=calibration.get("ece"), title=f"Calibration of {_model_name(metrics)} against final reads"
     )
@@ -571,16 +576,7 @@ def calibration_svg(metrics: Mapping[str, Any]) -> str:
 def validation_svg(report: Mapping[str, Any]) -> str:
     """Reliability diagram of a clinic's local validation (:func:`triage_api.golive.validation`)."""
     calibration = _get(report, "card", "calibration") or {}
-    bins = [
-        ReliabilityBin(
-            low=_num(b.get("low")),
-            high=_num(b.get("high")),
-            n=int(b.get("n") or 0),
-            mean_risk=_num(b.get("mean_risk")),
-            observed_rate=_num(b.get("observed_rate")),
-        )
-        for b in calibration.get("bins") or []
-    ]
+    bins = _reliability_bins(calibration)
     title = f"Calibration of {report.get('model_ref')} at {report.get('clinic')}, AI-blind reads"
     return reliability_svg(bins, ece=calibration.get("ece"), title=title)
 

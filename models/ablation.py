@@ -7,7 +7,7 @@ Reads the members trained by ``triage train`` (``RUN_DIR/member-N/last.pt``: the
 average and the last weights), scores the patient-wise and hard validation images once per
 network (and their mirror images), and compares, with bootstrap 95 % intervals:
 
-- last weights vs the exponential moving average; one member vs the two-member ensemble;
+- last weights vs the exponential moving average; one member vs ensembles of the first k members;
   horizontal-flip test-time augmentation;
 - calibration fitted on the patient-wise split vs on the hard split, at the hard split's
   prevalence vs class-balanced. ECE here is *cross-fitted*: calibration fitted on one half
@@ -51,7 +51,7 @@ def member_networks(run_dir: Path, labels: int, input_size: int) -> dict[str, to
             average = {k.removeprefix("module."): v for k, v in state["average"].items() if k != "n_averaged"}
             weights = {"": average, " last": state["network"]}
         for suffix, tensors in weights.items():
-            network = create_network("tf_efficientnet_lite0", labels)
+            network = create_network(state.get("architecture", "tf_efficientnet_lite0"), labels)
             network.load_state_dict(tensors)
             network.eval().to(memory_format=torch.channels_last)
             networks[name + suffix] = prepare(network, input_size)
@@ -113,8 +113,28 @@ def figures(labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
     }
 
 
-def run(data: Path, run_dir: Path, old: Bundle | None, seed: int = 0) -> dict[str, Any]:
-    """Every row of the ablation table (see the module docstring)."""
+def bundle_logits(bundle: Bundle, samples: Sequence[Sample], batch: int = 32) -> np.ndarray:
+    """A bundle's logits ``(N, 2)`` on ``samples``, through its own preprocessing."""
+    pre = bundle.card.preprocessing
+    parts = []
+    for start in range(0, len(samples), batch):
+        images = np.stack([to_input(load_gray(s.path, pre), pre) for s in samples[start : start + batch]])
+        parts.append(bundle.logits(images).double().numpy())
+    return np.concatenate(parts)
+
+
+def run(
+    data: Path,
+    run_dir: Path,
+    old: Bundle | None,
+    seed: int = 0,
+    same_split: dict[str, Bundle] | None = None,
+) -> dict[str, Any]:
+    """Every row of the ablation table (see the module docstring).
+
+    ``same_split``: bundles trained on the same training part (earlier versions), scored and
+    cross-fitted like the members, under their labels.
+    """
     cfg = timm.models.get_pretrained_cfg("tf_efficientnet_lite0")
     assert cfg is not None
     pre = Preprocessing(input_size=224, resize="stretch", mean=tuple(cfg.mean), std=tuple(cfg.std))
@@ -129,11 +149,14 @@ def run(data: Path, run_dir: Path, old: Bundle | None, seed: int = 0) -> dict[st
     labels = {"hard": np.asarray([s.label for s in hard]), "valid": np.asarray([s.label for s in valid])}
     combos: dict[str, list[str]] = {name: [name] for name in networks}
     combos |= {f"{m} + hflip TTA": [m, m + " flip"] for m in members}
+    for k in range(2, len(members) + 1):
+        combos[f"{' + '.join(members[:k])} ensemble"] = members[:k]
     if len(members) > 1:
-        combos |= {
-            f"{' + '.join(members)} ensemble": members,
-            f"{' + '.join(members)} ensemble + hflip TTA": members + [m + " flip" for m in members],
-        }
+        combos[f"{' + '.join(members)} ensemble + hflip TTA"] = members + [m + " flip" for m in members]
+    for label, bundle in (same_split or {}).items():
+        logits["hard"][label] = bundle_logits(bundle, hard)
+        logits["valid"][label] = bundle_logits(bundle, valid)
+        combos[label] = [label]
     old_unseen = {s.patient for part in split_by_patient(samples, (0.7, 0.15, 0.15), 0)[1:] for s in part}
     fair = np.asarray([s.patient in old_unseen for s in hard])
     rows: dict[str, Any] = {}
@@ -178,18 +201,60 @@ def run(data: Path, run_dir: Path, old: Bundle | None, seed: int = 0) -> dict[st
         "calibration": calibration,
     }
     if old is not None:
-        old_logits = []
         picked = [s for s, f in zip(hard, fair, strict=True) if f]
-        old_pre = old.card.preprocessing
-        for start in range(0, len(picked), 32):
-            batch = np.stack(
-                [to_input(load_gray(s.path, old_pre), old_pre) for s in picked[start : start + 32]]
-            )
-            old_logits.append(old.logits(batch).double().numpy())
-        old_scores = calibrated_scores(np.concatenate(old_logits), old.card.temperature, 1)
+        old_scores = calibrated_scores(bundle_logits(old, picked), old.card.temperature, 1)
         result["previous_default_on_hard_old_unseen"] = {
             "bundle": old.card.ref,
             "as_shipped": figures(labels["hard"][fair], old_scores),
+        }
+    return result
+
+
+def border_share(cam: np.ndarray, band: float = 0.125) -> float:
+    """Share of a Grad-CAM's mass in the outer ``band`` of the image on every side.
+
+    The lungs of a frontal radiograph fill the centre; a map whose mass sits in the border
+    band (44 % of the area at 0.125) looks at edges, labels and collimation, not at lungs.
+    """
+    total = float(cam.sum())
+    if total <= 0:
+        return 0.0
+    h, w = cam.shape
+    dh, dw = round(h * band), round(w * band)
+    return 1.0 - float(cam[dh : h - dh, dw : w - dw].sum()) / total
+
+
+def attention_audit(bundle: Bundle, data: Path, worst: int = 16, seed: int = 0) -> dict[str, Any]:
+    """Where the bundle looks on the hard split's worst errors, against correct cases.
+
+    Scores the hard split, takes the ``worst`` highest-scored normals and lowest-scored
+    pneumonias, and as many confidently correct cases of each class, and reports the mean
+    :func:`border_share` of their Grad-CAMs (a uniform map has 0.44).
+    """
+    from models.explain import gradcam
+
+    pre = bundle.card.preprocessing
+    samples = list_samples(data, bundle.card.labels)
+    _, _, hard = validation_splits(samples, 0.2, 0.15, seed)
+    positive = bundle.card.positive_index
+    scores = calibrated_scores(bundle_logits(bundle, hard), bundle.card.temperature, positive)
+    labels = np.asarray([s.label == positive for s in hard])
+    order = np.argsort(scores)
+    normals, pneumonias = order[~labels[order]], order[labels[order]]
+    groups = {
+        "false positives (highest-scored normals)": normals[::-1][:worst],
+        "false negatives (lowest-scored pneumonias)": pneumonias[:worst],
+        "correct normals (lowest-scored)": normals[:worst],
+        "correct pneumonias (highest-scored)": pneumonias[::-1][:worst],
+    }
+    result: dict[str, Any] = {"band": 0.125, "uniform_share": 1 - 0.75**2}
+    for name, picked in groups.items():
+        shares = [border_share(gradcam(bundle, to_input(load_gray(hard[i].path, pre), pre))) for i in picked]
+        result[name] = {
+            "images": len(picked),
+            "scores": [round(float(scores[i]), 3) for i in picked],
+            "border_share_mean": float(np.mean(shares)),
+            "border_share_max": float(np.max(shares)),
         }
     return result
 
@@ -200,17 +265,40 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", type=Path, default=Path("../shared/data/cxr-pneumonia/train"))
-    parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--run-dir", type=Path, help="the members trained by triage train")
     parser.add_argument("--old-bundle", type=Path)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--same-split-bundle",
+        type=Path,
+        action="append",
+        default=[],
+        help="a bundle trained on the same training part, compared on the whole splits",
+    )
+    parser.add_argument(
+        "--gradcam",
+        type=Path,
+        help="a bundle: only the Grad-CAM audit of its worst hard-split errors (attention_audit)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--tta", action="store_true", help="calibration rows with hflip test-time augmentation"
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.gradcam:
+        audit = attention_audit(load_bundle(args.gradcam, rewrite=False), args.data)
+        args.out.write_text(json.dumps(audit, indent=2) + "\n")
+        print(json.dumps(audit, indent=2))
+        return 0
+    if args.run_dir is None:
+        parser.error("--run-dir is required (or --gradcam BUNDLE)")
     old = load_bundle(args.old_bundle) if args.old_bundle else None
-    result = run(args.data, args.run_dir, old)
+    same = {}
+    for path in args.same_split_bundle:
+        bundle = load_bundle(path)
+        same[f"{bundle.card.ref} as shipped"] = bundle
+    result = run(args.data, args.run_dir, old, same_split=same)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0

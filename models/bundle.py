@@ -201,6 +201,7 @@ def save_bundle(
     state_dicts: dict[str, torch.Tensor] | Sequence[dict[str, torch.Tensor]],
     *,
     half: bool = True,
+    architectures: Sequence[str] = (),
 ) -> ModelCard:
     """Write a bundle folder: weights (fp16 by default) then a card carrying their sha256.
 
@@ -210,23 +211,26 @@ def save_bundle(
         state_dicts: the network's weights, or one state dict per ensemble member (all of
             the card's architecture); a list of one writes a plain bundle.
         half: store floating-point tensors as fp16 (halves the size; scores agree to ~1e-3).
+        architectures: one per member where they differ (the first must be the card's);
+            empty: every member is of the card's architecture.
 
     Returns:
         The validated card that was written.
     """
     path.mkdir(parents=True, exist_ok=True)
     states = [state_dicts] if isinstance(state_dicts, dict) else list(state_dicts)
+    kinds = list(architectures) or [card_fields["architecture"]] * len(states)
+    if len(kinds) != len(states):
+        raise ValueError("give one architecture per member, or none")
     members = []
-    for index, state in enumerate(states):
+    for index, (state, kind) in enumerate(zip(states, kinds, strict=True)):
         tensors = {
             key: (value.half() if half and value.is_floating_point() else value).contiguous().cpu()
             for key, value in state.items()
         }
         weights = path / member_file(index)
         save_file(tensors, str(weights))
-        members.append(
-            Member(file=weights.name, architecture=card_fields["architecture"], sha256=sha256_file(weights))
-        )
+        members.append(Member(file=weights.name, architecture=kind, sha256=sha256_file(weights)))
     card = ModelCard.model_validate(
         {
             **card_fields,

@@ -60,9 +60,16 @@ def run_train(args: argparse.Namespace) -> int:
     from models.train import TrainConfig
 
     labels = tuple(args.labels.split(","))
-    cfg = timm.models.get_pretrained_cfg(args.architecture)
+    kinds = args.architecture * len(args.seeds) if len(args.architecture) == 1 else args.architecture
+    if len(kinds) != len(args.seeds):
+        raise ValueError("give one --architecture, or one per seed")
+    cfg = timm.models.get_pretrained_cfg(kinds[0])
     if cfg is None:
-        raise ValueError(f"timm has no pretrained config (mean/std) for {args.architecture}")
+        raise ValueError(f"timm has no pretrained config (mean/std) for {kinds[0]}")
+    for kind in kinds[1:]:
+        other = timm.models.get_pretrained_cfg(kind)
+        if other is None or (other.mean, other.std) != (cfg.mean, cfg.std):
+            raise ValueError(f"{kind} normalises its input unlike {kinds[0]}: not one ensemble")
     pre = Preprocessing(
         input_size=args.input_size, resize="stretch", mean=tuple(cfg.mean), std=tuple(cfg.std)
     )
@@ -71,7 +78,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise ValueError("give one --frozen-stages value, or one per seed")
     members = [
         TrainConfig(
-            architecture=args.architecture,
+            architecture=kind,
             labels=labels,
             positive_label=args.positive_label,
             preprocessing=pre,
@@ -90,7 +97,7 @@ def run_train(args: argparse.Namespace) -> int:
             device=args.device,
             max_train=args.max_train,
         )
-        for seed, stages in zip(args.seeds, frozen, strict=True)
+        for seed, stages, kind in zip(args.seeds, frozen, kinds, strict=True)
     ]
     config = BuildConfig(
         data=args.data,
@@ -205,7 +212,12 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     train.add_argument(
         "--card-template", type=Path, help="JSON with intended_use, data_provenance, limitations"
     )
-    train.add_argument("--architecture", default="tf_efficientnet_lite0")
+    train.add_argument(
+        "--architecture",
+        type=lambda text: text.split(","),
+        default=["tf_efficientnet_lite0"],
+        help="timm name, one or one per seed (tf_efficientnet_lite0,tf_efficientnet_lite1)",
+    )
     train.add_argument("--weights-file", type=Path, help="local pretrained weights (timm names)")
     train.add_argument("--input-size", type=int, default=224)
     train.add_argument("--epochs", type=int, default=4)

@@ -169,7 +169,8 @@ def build_bundle(config: BuildConfig) -> ModelCard:
         **config.card,
     }
     networks = [r.network for r in results]
-    save_bundle(config.out, fields, [n.state_dict() for n in networks])
+    kinds = [m.architecture for m in config.members]
+    save_bundle(config.out, fields, [n.state_dict() for n in networks], architectures=kinds)
     bundle = load_bundle(config.out, config.device)
     positive = bundle.card.positive_index
     stored_bias = _positive_bias(bundle)
@@ -186,7 +187,7 @@ def build_bundle(config: BuildConfig) -> ModelCard:
     on_valid = fit_calibration(raw_valid, np.asarray([s.label for s in valid]), positive)
     for network in networks:
         fold_bias(network, positive, calibration.bias)
-    save_bundle(config.out, fields, [n.state_dict() for n in networks])
+    save_bundle(config.out, fields, [n.state_dict() for n in networks], architectures=kinds)
     bundle = load_bundle(config.out, config.device)
     shift = _positive_bias(bundle) - stored_bias  # what the fp16 classifier now applies
     temperature = calibration.temperature
@@ -271,7 +272,7 @@ def build_bundle(config: BuildConfig) -> ModelCard:
         "timm": timm.__version__,
     }
     fields["validation_metrics"] = metrics
-    return save_bundle(config.out, fields, [n.state_dict() for n in networks])
+    return save_bundle(config.out, fields, [n.state_dict() for n in networks], architectures=kinds)
 
 
 def _positive_bias(bundle: Bundle) -> float:

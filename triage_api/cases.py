@@ -73,7 +73,7 @@ def worklist_query(
     status: str | None = None,
     tier: str | None = None,
     unread: bool | None = None,
-) -> Select[tuple[Case]]:
+) -> Select[Case]:
     """The worklist's rows and order (earliest deadline first), for :func:`worklist` and for
     :func:`triage_api.reading.claim_next`; nothing is executed or audited here."""
     query = select(Case).where(Case.clinic_id.in_(principal.clinic_ids))

@@ -50,8 +50,8 @@ AI_NEGATIVE = {Finding.NORMAL, Finding.OTHER_FINDING}
 
 
 def agreeing_findings(tier: Tier) -> list[Finding]:
-    """The findings an "I agree" may go with under the AI's ``tier``, the likeliest first
-    (the case page's one-key "agree" picks the first when the reader chose none that fits)."""
+    """The findings an "I agree" may go with under the AI's ``tier``, in the vocabulary's order
+    (the case page's one-key "agree" takes the first when the reader chose none that fits)."""
     return [finding for finding in Finding if finding in AI_POSITIVE.get(tier, AI_NEGATIVE)]
 
 

@@ -23,8 +23,10 @@ def save_tiny_bundle(
     thresholds: dict[str, float] | None = None,
     seed: int = 0,
     summary: str = "plumbing tests only",
+    age_bands: tuple[str, ...] = (),
 ) -> Path:
-    """Write the tiny bundle to ``path`` and return it; ``thresholds`` default to 0.9/0.5."""
+    """Write the tiny bundle to ``path`` and return it; ``thresholds`` default to 0.9/0.5;
+    ``age_bands``: the card's intended ages (none: any age)."""
     torch.manual_seed(seed)
     save_bundle(
         path,
@@ -36,7 +38,7 @@ def save_tiny_bundle(
             "positive_label": "pneumonia",
             "preprocessing": Preprocessing(input_size=64),
             "thresholds": thresholds or PLUMBING_THRESHOLDS,
-            "intended_use": {"summary": summary},
+            "intended_use": {"summary": summary, "age_bands": age_bands},
         },
         create_network("tf_efficientnet_lite0", num_classes=2).state_dict(),
     )

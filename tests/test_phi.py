@@ -14,7 +14,7 @@ from audit.log import AuditEvent
 from tests.conftest import DATA, MakeKey, bearer, runtime_of, upload, wait_for
 from triage_api.tables import Case
 
-CANARIES = ("Zebulon^Canaryfield", "CANARY-PID-98765", "CANARY-ACC-4321", "19990909")
+CANARIES = ("Zebulon^Canaryfield", "CANARY-PID-98765", "CANARY-ACC-4321", "19990909", "CANARY-DESC Zebulon")
 
 
 def with_canaries(path: str, *, drop_rows: bool = False, break_pixels: bool = False) -> bytes:
@@ -24,6 +24,7 @@ def with_canaries(path: str, *, drop_rows: bool = False, break_pixels: bool = Fa
     ds.AccessionNumber = CANARIES[2]
     ds.PatientBirthDate = CANARIES[3]
     ds.InstitutionName = CANARIES[0]
+    ds.StudyDescription = CANARIES[4]  # kept for the case's readers' pages only (migration 0015)
     if drop_rows:
         del ds.Rows
     if break_pixels:
@@ -62,6 +63,8 @@ def test_canaries_appear_in_no_log_and_no_response(
     for canary in CANARIES:
         for text in texts:
             assert canary not in text
+    # The study description is stored (its readers' pages show it), and went nowhere else.
+    assert CANARIES[4] in {c.study_description for c in cases}
     # What is stored: a keyed pseudonym of the patient ID, never the ID itself.
     stored = {c.patient_pseudonym for c in cases}
     assert len(stored) == 1 and CANARIES[1] not in (stored.pop() or "")

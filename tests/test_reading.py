@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
 from datetime import datetime, timedelta
 
+import numpy as np
 from fastapi.testclient import TestClient
+from PIL import Image
 from sqlalchemy import select
 
 from audit.log import AuditEvent
 from tests.conftest import DATA, MakeKey, bearer, runtime_of, upload, wait_for
-from triage_api import oversight
+from triage_api import auth, oversight, reading
 from triage_api.auth import Principal, Role
+from triage_api.db import transaction
 from triage_api.tables import Case, Prediction, Read
 from triage_api.vocab import Tier
 
@@ -239,3 +243,50 @@ def test_image_is_served_to_readers_in_scope(client: TestClient, make_key: MakeK
     assert image.headers["content-type"] == "application/dicom"
     other = client.get(f"/v1/studies/{case_id}/image", headers=bearer(make_key("radiologist", "south")))
     assert other.status_code == 404
+
+
+def png(seed: int) -> bytes:
+    """A small distinct grey picture (PNG uploads have no header to gate on)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (64, 64), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_claim_next_claims_the_first_case_in_worklist_order_the_reader_may_read(
+    client: TestClient, make_key: MakeKey
+) -> None:
+    uploader = make_key("uploader", "north")
+    for seed in range(3):
+        wait_for(client, uploader, upload(client, uploader, png(seed), "s.png").json()["id"])
+    reader_key, other = make_key("radiologist", "north"), bearer(make_key("radiologist", "north"))
+    reader = bearer(reader_key)
+    order = [c["id"] for c in client.get("/v1/worklist?unread=true", headers=reader).json()]
+    runtime = runtime_of(client)
+
+    def claim_next() -> str | None:
+        with transaction(runtime.factory) as session:
+            principal = auth.authenticate(session, reader_key)
+            case = reading.claim_next(session, principal=principal, settings=runtime.settings)
+            return case.id if case is not None else None
+
+    claimed(client, order[0], other)  # another reader's live claim is passed over
+    assert claim_next() == order[1]
+    assert client.get(f"/v1/studies/{order[1]}", headers=reader).json()["claimed_by"] is not None
+    assert claim_next() == order[1]  # the case the reader holds comes first until it is read
+    read = {"finding": "normal", "agrees_with_ai": False, "override_reason": "other", "ai_score_shown": True}
+    assert client.post(f"/v1/studies/{order[1]}/reads", json=read, headers=reader).status_code == 201
+    with runtime.factory.begin() as session:  # the other reader's claim lapses
+        case = session.get_one(Case, order[0])
+        assert case.claimed_at is not None
+        case.claimed_at -= timedelta(minutes=runtime.settings.claim_expiry_minutes + 1)
+    assert claim_next() == order[0]  # taken over, and the lapse audited
+    with runtime.factory() as session:
+        lapsed = session.execute(
+            select(AuditEvent).where(AuditEvent.action == "case.claim_expire")
+        ).scalar_one()
+        assert lapsed.object_id == order[0]
+    for case_id in (order[0], order[2]):
+        claimed(client, case_id, reader)
+        assert client.post(f"/v1/studies/{case_id}/reads", json=read, headers=reader).status_code == 201
+    assert claim_next() is None  # nothing left to read

@@ -542,7 +542,7 @@ def test_a_pool_process_killed_while_idle_is_replaced() -> None:
         ("004Y", "ok", None),
         ("030Y", "not_analyzed", "age band 18–64 y is outside the model's intended population (1–5 y)"),
         ("62", "not_analyzed", "age band 18–64 y is outside the model's intended population (1–5 y)"),
-        (None, "ok", None),  # no usable age: analysed, and the reader sees "not recorded"
+        (None, "ok", None),  # no usable age: analysed, and the reader is told "age not checked"
     ],
 )
 def test_a_card_with_an_age_population_gates_on_the_header_age(

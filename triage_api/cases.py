@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from audit.log import EventCode, record
@@ -67,6 +67,30 @@ def read_case(session: Session, *, principal: Principal, case_id: str) -> tuple[
     return case, prediction
 
 
+def worklist_query(
+    principal: Principal,
+    *,
+    status: str | None = None,
+    tier: str | None = None,
+    unread: bool | None = None,
+) -> Select[Case]:
+    """The worklist's rows and order (earliest deadline first), for :func:`worklist` and for
+    :func:`triage_api.reading.claim_next`; nothing is executed or audited here."""
+    query = select(Case).where(Case.clinic_id.in_(principal.clinic_ids))
+    if principal.role is Role.RADIOLOGIST:  # an appeal's second reader meets the case only blinded
+        blinded = select(Appeal.case_id).where(
+            Appeal.assigned_to == principal.user_id, Appeal.status == AppealStatus.ASSIGNED
+        )
+        query = query.where(Case.id.not_in(blinded))
+    if status is not None:
+        query = query.where(Case.status == status)
+    if tier is not None:
+        query = query.where(Case.tier == tier)
+    if unread is not None:
+        query = query.where(Case.read_at.is_(None) if unread else Case.read_at.is_not(None))
+    return query.order_by(Case.deadline, Case.received_at, Case.id)
+
+
 def worklist(
     session: Session,
     *,
@@ -82,20 +106,8 @@ def worklist(
 
     With ``audit=False`` the caller records the query itself (see :func:`audit_worklist`).
     """
-    query = select(Case).where(Case.clinic_id.in_(principal.clinic_ids))
-    if principal.role is Role.RADIOLOGIST:  # an appeal's second reader meets the case only blinded
-        blinded = select(Appeal.case_id).where(
-            Appeal.assigned_to == principal.user_id, Appeal.status == AppealStatus.ASSIGNED
-        )
-        query = query.where(Case.id.not_in(blinded))
-    if status is not None:
-        query = query.where(Case.status == status)
-    if tier is not None:
-        query = query.where(Case.tier == tier)
-    if unread is not None:
-        query = query.where(Case.read_at.is_(None) if unread else Case.read_at.is_not(None))
-    query = query.order_by(Case.deadline, Case.received_at, Case.id).limit(limit).offset(offset)
-    cases = list(session.execute(query).scalars())
+    query = worklist_query(principal, status=status, tier=tier, unread=unread)
+    cases = list(session.execute(query.limit(limit).offset(offset)).scalars())
     if audit:
         filters = {"status": status, "tier": tier, "unread": unread, "limit": limit, "offset": offset}
         audit_worklist(session, principal=principal, filters=filters, count=len(cases))
@@ -113,3 +125,18 @@ def audit_worklist(session: Session, *, principal: Principal, filters: dict[str,
         object_id=",".join(str(c) for c in sorted(principal.clinic_ids))[:64],
         details={**filters, "count": count},
     )
+
+
+def study_reference(case: Case) -> str | None:
+    """How a reader names the study: its accession number, or where the sender withheld it, a
+    short form of the site's patient pseudonym (an HMAC, so it links a patient's studies on
+    this site without saying who they are); None for a picture, which carries neither.
+
+    For pages shown to the case's readers only: like the accession number it never goes into
+    a log, an audit detail or an error message.
+    """
+    if case.accession_number:
+        return case.accession_number
+    if case.patient_pseudonym:
+        return f"no accession · patient ref {case.patient_pseudonym[:8].upper()}"
+    return None

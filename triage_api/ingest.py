@@ -54,6 +54,7 @@ class StudyFacts:
     patient_id: str | None = None
     accession_number: str | None = None
     study_uid: str | None = None
+    study_description: str | None = None
 
 
 def quiet_pydicom() -> None:
@@ -151,6 +152,7 @@ def check_dicom(data: bytes, budget: int) -> StudyFacts:
         patient_id=text("PatientID"),
         accession_number=text("AccessionNumber"),
         study_uid=text("StudyInstanceUID"),
+        study_description=text("StudyDescription"),
     )
 
 
@@ -238,6 +240,7 @@ def accept_study(
         patient_pseudonym=pseudonym(pseudonym_key, facts.patient_id),
         accession_number=facts.accession_number,
         study_uid=facts.study_uid,
+        study_description=facts.study_description,
         uploaded_by=principal.user_id,
     )
     try:

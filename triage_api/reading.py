@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from audit.log import EventCode, record
-from triage_api import golive
+from triage_api import cases, golive
 from triage_api.auth import Principal, Role
 from triage_api.cases import unblinded_case
 from triage_api.errors import Conflict, InvalidRequest, NotFound, NotPermitted
@@ -47,6 +47,12 @@ def _audit(session: Session, principal: Principal, action: str, case: Case, **de
 AI_POSITIVE = {Tier.CRITICAL: {Finding.PNEUMONIA}, Tier.ELEVATED: {Finding.PNEUMONIA}}
 """Findings an "I agree" may go with, per AI tier; routine takes the ones in ``AI_NEGATIVE``."""
 AI_NEGATIVE = {Finding.NORMAL, Finding.OTHER_FINDING}
+
+
+def agreeing_findings(tier: Tier) -> list[Finding]:
+    """The findings an "I agree" may go with under the AI's ``tier``, in the vocabulary's order
+    (the case page's one-key "agree" takes the first when the reader chose none that fits)."""
+    return [finding for finding in Finding if finding in AI_POSITIVE.get(tier, AI_NEGATIVE)]
 
 
 def claim_lapsed(case: Case, settings: Settings, now: datetime) -> bool:
@@ -81,6 +87,27 @@ def claim(
     case.claimed_by, case.claimed_at = principal.user_id, now
     _audit(session, principal, "case.claim", case)
     return case
+
+
+def claim_next(
+    session: Session, *, principal: Principal, settings: Settings, now: datetime | None = None
+) -> Case | None:
+    """Claim the first unread case in worklist order that the caller may read now: unclaimed,
+    claimed by the caller, or under a lapsed claim (taken over, audited, as :func:`claim` does).
+
+    Returns:
+        The claimed case, or None when no case is left to read.
+    """
+    now = now or datetime.now(UTC)
+    cutoff = now - timedelta(minutes=settings.claim_expiry_minutes)
+    free = or_(Case.claimed_by.is_(None), Case.claimed_by == principal.user_id, Case.claimed_at < cutoff)
+    # Row locks skipping locked rows: two readers pressing "next" at once get two cases
+    # (PostgreSQL; SQLite's single writer already serialises them).
+    query = cases.worklist_query(principal, unread=True).where(free).limit(1)
+    found = session.execute(query.with_for_update(skip_locked=True, of=Case)).scalar_one_or_none()
+    if found is None:
+        return None
+    return claim(session, principal=principal, case_id=found.id, settings=settings, now=now)
 
 
 def expire_claims(session: Session, *, principal: Principal, settings: Settings, now: datetime) -> int:
@@ -163,9 +190,7 @@ def record_read(
         raise InvalidRequest("an override needs a reason code (override_reason)")
     elif agrees_with_ai is True and override_reason is not None:
         raise InvalidRequest("override_reason is only for disagreeing with the AI")
-    elif agrees_with_ai is True and finding not in AI_POSITIVE.get(
-        tier := ai_tier(session, case), AI_NEGATIVE
-    ):
+    elif agrees_with_ai is True and finding not in agreeing_findings(tier := ai_tier(session, case)):
         raise InvalidRequest(
             f"the finding {finding.value} contradicts the AI's {tier.value} tier: "
             "this read overrides the AI; give an override_reason"

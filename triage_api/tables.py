@@ -157,6 +157,9 @@ class Case(Base):
     patient_pseudonym: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     accession_number: Mapped[str | None] = mapped_column(String(64), nullable=True)
     study_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    study_description: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """DICOM StudyDescription (migration 0015): shown to the case's readers only, like the
+    accession number; it may hold free text, so it goes into no log, audit detail or API answer."""
     uploaded_by: Mapped[int] = mapped_column(ForeignKey("users.id"))
     claimed_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

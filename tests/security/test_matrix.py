@@ -33,6 +33,7 @@ ALLOWED: dict[tuple[str, str], set[str]] = {
     ("POST", "/web/cases/{case_id}/claim"): {R},
     ("POST", "/web/cases/{case_id}/release"): {R},
     ("POST", "/web/cases/{case_id}/read"): {R},
+    ("POST", "/web/next"): {R},
     ("POST", "/web/cases/{case_id}/priority"): {R},
     ("POST", "/web/appeals/{appeal_id}/take"): {R},
     ("GET", "/web/appeals/{appeal_id}"): {R},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -57,6 +58,8 @@ COOKIE = "triage_session"
 LOGIN_COOKIE = "triage_login_csrf"
 
 templates = Jinja2Templates(directory=str(HERE / "templates"))
+CASE_ID = re.compile(r"[0-9a-f]{32}")
+"""A case id as the service makes them (``uuid4().hex``)."""
 
 
 def utc(moment: datetime | str) -> str:
@@ -372,6 +375,7 @@ def worklist_page(request: Request, runtime: RuntimeDep, user: RadiologistPage) 
         tiers=list(Tier),
         statuses=list(CaseStatus),
         appeals=mine,
+        message=request.query_params.get("done"),
     )
 
 
@@ -400,6 +404,7 @@ def worklist_json(
     if lapsed:  # clear lapsed claims (audited), then list again
         with transaction(runtime.factory) as session:
             reading.expire_claims(session, principal=user.principal, settings=runtime.settings, now=now)
+    card = _card(runtime, None)
     with runtime.reads() as session:
         if lapsed:
             rows = cases.worklist(session, principal=principal, audit=False, **filters)
@@ -417,6 +422,12 @@ def worklist_json(
                 "risk": c.risk if c.id in visible else None,
                 "deadline": c.deadline.isoformat(),
                 "received_at": c.received_at.isoformat(),
+                "study": cases.study_reference(c),
+                "description": c.study_description,
+                "modality": c.modality,
+                "body_part": c.body_part,
+                "view": c.view_position,
+                "age_unchecked": age_unchecked(card, c),
                 "claimed_by": readers.get(c.claimed_by) if c.claimed_by is not None else None,
                 "claimed_by_me": c.claimed_by == user.principal.user_id,
                 "claimed_at": c.claimed_at.isoformat() if c.claimed_at else None,
@@ -444,6 +455,19 @@ def _card(runtime: Runtime, model_ref: str | None) -> ModelCard | None:
     return card if model_ref is None or card.ref == model_ref else None
 
 
+def age_unchecked(card: ModelCard | None, case: Case) -> str | None:
+    """The model's intended age bands (``"1–5 y"``) when this study's age could not be checked
+    against them (no usable age in the header, or a picture without one); else None.
+
+    The worker scores such a study (it gates only on an age it can read), so its reader is told.
+    """
+    if card is None or not card.intended_use.age_bands or case.age_band is not None:
+        return None
+    if case.model_ref is not None and case.model_ref != card.ref:
+        return None  # scored by another version, whose card is not on this server
+    return ", ".join(card.intended_use.age_bands)
+
+
 @router.get("/web/cases/{case_id}", response_class=HTMLResponse)
 def case_page(request: Request, runtime: RuntimeDep, user: UnblindedPage, case_id: str) -> HTMLResponse:
     """The case viewer: picture, heat map, AI result with its model card, and the read."""
@@ -455,8 +479,10 @@ def case_page(request: Request, runtime: RuntimeDep, user: UnblindedPage, case_i
         clinic_row = session.get_one(Clinic, case.clinic_id)
         clinic, ai_mode = clinic_row.name, clinic_row.ai_mode
         people = _names(session, User, {case.claimed_by or 0} | {read.reader_id for read, _ in history})
+        agree = reading.agreeing_findings(reading.ai_tier(session, case)) if ai else []
     claimed_by = people.get(case.claimed_by) if case.claimed_by else None
     now = datetime.now(UTC)
+    saved = request.query_params.get("saved", "")
     return _page(
         request,
         "case.html",
@@ -482,6 +508,10 @@ def case_page(request: Request, runtime: RuntimeDep, user: UnblindedPage, case_i
         tiers=list(Tier),
         can_read=user.principal.role is Role.RADIOLOGIST,
         message=request.query_params.get("done"),
+        saved=saved if CASE_ID.fullmatch(saved) else None,
+        study=cases.study_reference(case),
+        age_unchecked=age_unchecked(_card(runtime, None), case),
+        agree_findings=agree,
     )
 
 
@@ -531,8 +561,10 @@ def submit_read(
     agreement: Annotated[str, Form()] = "",
     override_reason: Annotated[str, Form()] = "",
     note: Annotated[str, Form(max_length=2000)] = "",
+    then: Annotated[str, Form(max_length=10)] = "",
 ) -> Response:
-    """Record the final read: agree with the AI, or override it with a reason code."""
+    """Record the final read: agree with the AI, or override it with a reason code; with
+    ``then=next``, go on to the next case (claimed, as ``POST /web/next`` does)."""
     try:
         body = ReadCreate.model_validate(
             {
@@ -546,8 +578,28 @@ def submit_read(
     except ValidationError as exc:
         raise InvalidRequest(_fields(exc)) from None
     with transaction(runtime.factory) as session:
-        reading.record_read(session, principal=user.principal, case_id=case_id, **body.model_dump())
-    return _back(f"/web/cases/{case_id}?done=read")
+        read = reading.record_read(session, principal=user.principal, case_id=case_id, **body.model_dump())
+        saved = read.case_id
+    if then == "next":
+        return _next_case(runtime, user, saved=saved)
+    return _back(f"/web/cases/{saved}?done=read")
+
+
+def _next_case(runtime: Runtime, user: WebUser, *, saved: str | None) -> Response:
+    """Claim the next case to read and go to it; the worklist when none is left. ``saved``:
+    the case whose read was just saved (its page in this tab drops its kept draft)."""
+    with transaction(runtime.factory) as session:
+        case = reading.claim_next(session, principal=user.principal, settings=runtime.settings)
+        next_id = case.id if case is not None else None
+    if next_id is None:
+        return _back("/web/worklist?done=" + ("read-last" if saved else "none-left"))
+    return _back(f"/web/cases/{next_id}" + (f"?saved={saved}" if saved else ""))
+
+
+@router.post("/web/next")
+def next_case(runtime: RuntimeDep, user: RadiologistForm) -> Response:
+    """Claim the first unclaimed case in worklist order and open it (the worklist if none)."""
+    return _next_case(runtime, user, saved=None)
 
 
 @router.post("/web/cases/{case_id}/priority")

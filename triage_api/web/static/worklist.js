@@ -18,6 +18,8 @@
     var m = Math.max(0, Math.floor((now - Date.parse(since)) / 60000));
     return m >= 60 ? Math.floor(m / 60) + " h " + (m % 60) + " min" : m + " min";
   }
+  function utc(iso) { var t = new Date(iso).toISOString(); return t.slice(0, 10) + " " + t.slice(11, 16) + " UTC"; }
+  function line(td, text, cls) { var s = document.createElement("span"); s.className = cls; s.textContent = text; td.appendChild(s); }
   function cell(tr, text, cls) { var td = document.createElement("td"); td.textContent = text; if (cls) td.className = cls; tr.appendChild(td); return td; }
   function render() {
     var now = Date.now(), rows = document.createDocumentFragment();
@@ -32,6 +34,13 @@
       else cell(tr, (it.risk * 100).toFixed(1) + "%");
       cell(tr, it.model_version === null ? "—" : it.model_version + (it.calibration_id === null ? "" : " · cal #" + it.calibration_id));
       cell(tr, l.text, "left");
+      // The study's identity and context; a picture without a DICOM header has none ("—").
+      cell(tr, it.study || "—", "accession");
+      var exam = cell(tr, it.description || "—", "study");
+      line(exam, [it.modality, it.body_part, it.view && "view " + it.view].filter(Boolean).join(" · ") || "—", "sub");
+      if (it.age_unchecked) line(exam, "age not checked (model for " + it.age_unchecked + ")", "age-note");
+      var got = cell(tr, ""), when = document.createElement("time");
+      when.dateTime = it.received_at; when.textContent = utc(it.received_at); got.appendChild(when);
       cell(tr, it.status.replace("_", " "));
       cell(tr, it.clinic);
       cell(tr, it.claimed_by ? (it.claimed_by_me ? "you" : it.claimed_by) + " · " + age(it.claimed_at, now) : "—", "claim");
@@ -42,7 +51,7 @@
       rows.appendChild(tr);
     });
     body.replaceChildren(rows);
-    if (!items.length) { var tr = document.createElement("tr"); cell(tr, "Nothing to read.").colSpan = 8; body.appendChild(tr); }
+    if (!items.length) { var tr = document.createElement("tr"); cell(tr, "Nothing to read.").colSpan = 11; body.appendChild(tr); }
   }
   function query() {
     var p = new URLSearchParams();

@@ -117,9 +117,10 @@
       octx.stroke();
       q.forEach(function (p) { octx.fillRect(p[0] - 2 * r, p[1] - 2 * r, 4 * r, 4 * r); });
       if (!m.open && q.length) {
-        var label = describe(m).replace(/^[^:]*: /, ""), at = q[q.length - 1];
-        octx.fillStyle = "rgba(0,0,0,0.7)"; octx.fillRect(at[0] + 6 * r, at[1] - 16 * r, octx.measureText(label).width + 8 * r, 20 * r);
-        octx.fillStyle = "#ffd400"; octx.fillText(label, at[0] + 10 * r, at[1]);
+        var label = describe(m).replace(/^[^:]*: /, ""), at = q[q.length - 1], wide = octx.measureText(label).width + 8 * r;
+        var left = at[0] + 6 * r + wide > overlay.width ? at[0] - 6 * r - wide : at[0] + 6 * r;  // keep it inside the view
+        octx.fillStyle = "rgba(0,0,0,0.7)"; octx.fillRect(left, at[1] - 16 * r, wide, 20 * r);
+        octx.fillStyle = "#ffd400"; octx.fillText(label, left + 4 * r, at[1]);
       }
     });
     if (cursor && NEEDS[state.tool]) {  // the keyboard's crosshair

@@ -119,7 +119,9 @@ def modality_values(ds: object, pixels: np.ndarray) -> np.ndarray:
 
 def _linear_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
     """The VOI LUT's linear function (PS3.3 C.11.2.1.2), onto ``[0, 1]``."""
-    windowed: np.ndarray = np.clip((values - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0).astype(np.float32)
+    windowed: np.ndarray = np.clip((values - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0).astype(
+        np.float32
+    )
     return windowed
 
 

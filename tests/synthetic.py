@@ -21,7 +21,9 @@ def ramp_values() -> np.ndarray:
     return np.broadcast_to(column, (RAMP_ROWS, RAMP_COLUMNS)).astype(np.uint16)
 
 
-def ramp_dicom(*, photometric: str = "MONOCHROME2", window: tuple[float, float] | None = (2000, 3000)) -> bytes:
+def ramp_dicom(
+    *, photometric: str = "MONOCHROME2", window: tuple[float, float] | None = (2000, 3000)
+) -> bytes:
     """An uncompressed 12-bit chest CR of :func:`ramp_values` with Pixel Spacing
     :data:`RAMP_SPACING` and, unless None, the VOI window (centre, width)."""
     ds = pydicom.Dataset()

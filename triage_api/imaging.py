@@ -341,7 +341,9 @@ def _modality_range(ds: object, values: np.ndarray) -> tuple[float, float]:
     except (TypeError, ValueError):
         return lo, hi
     bits = max(1, min(bits, 32))
-    stored = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1], dtype=np.float64)
+    stored = np.array(
+        [-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1], dtype=np.float64
+    )
     ends = modality_values(ds, stored)
     return min(lo, float(ends.min())), max(hi, float(ends.max()))
 
@@ -438,4 +440,3 @@ def case_pixels(case: Case, settings: Settings) -> DisplayPixels:
             read_blob(settings.blob_dir, case.sha256), case.media_type, settings.max_decoded_bytes
         ),
     )
-

@@ -45,7 +45,9 @@ def test_pixels_keep_the_full_depth_inverted_and_measured(site: Site) -> None:
     # 2048 x 1024 decoded -> 1024 x 512 shown: each value the mean of a 2 x 2 block.
     assert (info["width"], info["height"]) == (RAMP_COLUMNS // 2, RAMP_ROWS // 2)
     assert info["bits"] == 12
-    blocks = ramp_values().astype(np.float64).reshape(RAMP_ROWS // 2, 2, RAMP_COLUMNS // 2, 2).mean(axis=(1, 3))
+    blocks = (
+        ramp_values().astype(np.float64).reshape(RAMP_ROWS // 2, 2, RAMP_COLUMNS // 2, 2).mean(axis=(1, 3))
+    )
     assert np.abs(values - blocks).max() <= 0.5
     assert int(values.max()) > 4000 and len(np.unique(values)) > 1000  # not an 8-bit copy
     assert info["window"] == [2000.0, 3000.0] and info["window_from"] == "file"
@@ -105,7 +107,18 @@ def test_the_blinded_reader_gets_pixels_through_the_appeal_only(site: Site) -> N
     first, _ = _pixels(site.web("radiologist-north"), f"/web/cases/{case_id}/pixels")
     assert np.array_equal(values, first) and info["bits"] == 12
     # Nothing beyond geometry and windows travels with them.
-    assert set(info) == {"width", "height", "bits", "window", "window_from", "presets", "spacing_mm", "spacing_from"}
+    assert set(info) == {
+        "width",
+        "height",
+        "bits",
+        "window",
+        "window_from",
+        "presets",
+        "spacing_mm",
+        "spacing_from",
+    }
     # Another reader is not this appeal's reader.
     other = site.web("radiologist-north").get(f"/web/appeals/{appeal_id}/pixels").status_code
-    assert other == site.web("radiologist-north").get(f"/web/appeals/{appeal_id}/image.png").status_code == 404
+    assert (
+        other == site.web("radiologist-north").get(f"/web/appeals/{appeal_id}/image.png").status_code == 404
+    )

@@ -67,23 +67,28 @@ def test_the_image_keeps_its_aspect_ratio(site: Site, browser: Any, width: int, 
     page.context.close()
 
 
+SIZE = "[document.getElementById('canvas').width, document.getElementById('canvas').height]"
+ROW = (
+    "([x, y, n]) => Array.from("
+    "document.getElementById('canvas').getContext('2d').getImageData(x, y, n, 1).data)"
+)
+"""``n`` canvas pixels from (x, y) rightwards, as RGBA values."""
+
+
 def _grey(page: Any, column: float, row: float, width: int, height: int) -> int:
     """The canvas's grey level over image pixel (column, row) of a ``width`` x ``height`` image
     fitted in the view (the canvas's own pixels, so measured whatever the screen)."""
-    cw, ch = page.evaluate("[document.getElementById('canvas').width, document.getElementById('canvas').height]")
+    cw, ch = page.evaluate(SIZE)
     s = min(cw / width, ch / height)
     x, y = (cw - width * s) / 2 + (column + 0.5) * s, (ch - height * s) / 2 + (row + 0.5) * s
-    rgba = page.evaluate(
-        "([x, y]) => Array.from(document.getElementById('canvas').getContext('2d').getImageData(x, y, 1, 1).data)",
-        [int(x), int(y)],
-    )
+    rgba = page.evaluate(ROW, [int(x), int(y), 1])
     return int(rgba[0])
 
 
 def _on_screen(page: Any, column: float, row: float, width: int, height: int) -> tuple[float, float]:
     """Where image pixel (column, row) lies on the page, in CSS pixels."""
     box = page.locator("#canvas").bounding_box()
-    cw, ch = page.evaluate("[document.getElementById('canvas').width, document.getElementById('canvas').height]")
+    cw, ch = page.evaluate(SIZE)
     ratio = cw / box["width"]  # canvas pixels per CSS pixel
     s = min(cw / width, ch / height)
     return (
@@ -100,7 +105,11 @@ def _drag(page: Any, start: tuple[float, float], end: tuple[float, float]) -> No
 
 
 def _measured(page: Any) -> list[str]:
-    return [t for t in page.locator("#measurements li").all_inner_texts() if not t.startswith(("No pixel", "Lengths"))]
+    return [
+        t
+        for t in page.locator("#measurements li").all_inner_texts()
+        if not t.startswith(("No pixel", "Lengths"))
+    ]
 
 
 def test_window_presets_and_measurements_on_a_12_bit_study(site: Site, browser: Any) -> None:
@@ -121,7 +130,11 @@ def test_window_presets_and_measurements_on_a_12_bit_study(site: Site, browser: 
     # brighter to the right (denser), darker to the left.
     shown = _grey(page, *middle, width, height)
     assert 115 <= shown <= 145, shown
-    assert _grey(page, width * 0.25, height / 2, width, height) < shown < _grey(page, width * 0.75, height / 2, width, height)
+    assert (
+        _grey(page, width * 0.25, height / 2, width, height)
+        < shown
+        < _grey(page, width * 0.75, height / 2, width, height)
+    )
     assert "W 3000 / L 2000" in page.locator("#wl").inner_text()
 
     # Raising the level (arrow down) darkens the same pixel; lowering it brightens it.
@@ -161,7 +174,9 @@ def test_window_presets_and_measurements_on_a_12_bit_study(site: Site, browser: 
     assert "now draw the thoracic width" in _measured(page)[-1]
     _drag(page, _on_screen(page, 150, 350, width, height), _on_screen(page, 850, 300, width, height))
     ctr = _measured(page)[-1]
-    found = re.fullmatch(r"Cardiothoracic ratio: ([0-9.]+) \(cardiac ([0-9.]+) mm / thoracic ([0-9.]+) mm\)", ctr)
+    found = re.fullmatch(
+        r"Cardiothoracic ratio: ([0-9.]+) \(cardiac ([0-9.]+) mm / thoracic ([0-9.]+) mm\)", ctr
+    )
     assert found is not None, ctr
     ratio, cardiac, thoracic = (float(v) for v in found.groups())
     assert abs(ratio - 200 / 700) <= 0.01 and abs(cardiac / thoracic - 200 / 700) <= 0.01, ctr
@@ -191,10 +206,7 @@ def test_window_presets_and_measurements_on_a_12_bit_study(site: Site, browser: 
     assert page.locator("#actual").get_attribute("aria-pressed") == "true"
     assert "1:1" in page.locator("#wl").inner_text()
     cw = page.evaluate("document.getElementById('canvas').width")
-    row = page.evaluate(
-        "([x, y]) => Array.from(document.getElementById('canvas').getContext('2d').getImageData(x, y, 201, 1).data)",
-        [cw // 2 - 100, 100],
-    )[::4]
+    row = page.evaluate(ROW, [cw // 2 - 100, 100, 201])[::4]
     rise = row[-1] - row[0]  # 200 image columns of 4 values each, in a window 3000 wide
     assert abs(rise - 200 * 4 * 255 / 3000) <= 3, row
     page.keyboard.press("f")

@@ -214,6 +214,7 @@
     g: function () { setTool("angle"); }, t: function () { setTool("ctr"); } };
   document.addEventListener("keydown", function (e) {
     if (e.target.closest("input, select, textarea") || e.ctrlKey || e.metaKey || e.altKey) return;
+    if (e.key === "Escape" && !measures.length && !pending) return;  // nothing to clear: leave it to the page
     if (e.key === "i") { inv.checked = !inv.checked; inv.dispatchEvent(new Event("change")); }
     else if (e.key === "h" && hm) { hm.checked = !hm.checked; hm.dispatchEvent(new Event("change")); }
     else if (KEYS[e.key]) KEYS[e.key]();

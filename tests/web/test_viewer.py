@@ -225,6 +225,7 @@ def test_window_presets_and_measurements_on_a_12_bit_study(site: Site, browser: 
     page.set_viewport_size({"width": 390, "height": 844})
     page.wait_for_timeout(200)
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    page.screenshot(path=str(ARTIFACTS / "viewer-phone.png"))
     page.context.close()
 
 

@@ -150,8 +150,7 @@
     reset();
   }
   function setTool(name) {
-    state.tool = name; pending = null; preview = null;
-    if (NEEDS[name] && !cursor && values) cursor = [Math.round(work.width / 2), Math.round(work.height / 2)];
+    state.tool = name; pending = null; preview = null; cursor = null;  // the crosshair comes with the first key
     root.querySelectorAll("[data-tool]").forEach(function (b) { b.setAttribute("aria-pressed", String(b.dataset.tool === name)); });
     canvas.setAttribute("aria-label", "Study image. Tool: " + NAMES[name] + ". " + (NEEDS[name] ?
       "Click or drag to place points; arrow keys move the crosshair, Enter places a point, Escape clears." :
@@ -218,7 +217,10 @@
     if (e.key === "i") { inv.checked = !inv.checked; inv.dispatchEvent(new Event("change")); }
     else if (e.key === "h" && hm) { hm.checked = !hm.checked; hm.dispatchEvent(new Event("change")); }
     else if (KEYS[e.key]) KEYS[e.key]();
-    else if (e.target === canvas && values && e.key.indexOf("Arrow") === 0) {
+    else if (e.target === canvas && values && NEEDS[state.tool] && !cursor && (e.key.indexOf("Arrow") === 0 || e.key === "Enter" || e.key === " ")) {
+      cursor = [Math.round(work.width / 2), Math.round(work.height / 2)]; drawOverlay();  // first key: the crosshair, centred
+      if (e.key === "Enter" || e.key === " ") addPoint(cursor.slice());
+    } else if (e.target === canvas && values && e.key.indexOf("Arrow") === 0) {
       var step = e.shiftKey ? 4 : 1, dx = { ArrowLeft: -1, ArrowRight: 1 }[e.key] || 0, dy = { ArrowUp: -1, ArrowDown: 1 }[e.key] || 0;
       if (NEEDS[state.tool]) {  // move the crosshair (image pixels)
         cursor = [Math.max(0, Math.min(work.width, cursor[0] + dx * step * 2.5)), Math.max(0, Math.min(work.height, cursor[1] + dy * step * 2.5))];

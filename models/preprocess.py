@@ -50,10 +50,17 @@ class Preprocessing(BaseModel):
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
-def _percentile_window(values: np.ndarray, low: float, high: float) -> np.ndarray:
+def percentile_range(values: np.ndarray, low: float, high: float) -> tuple[float, float]:
+    """The ``low`` and ``high`` percentiles of ``values`` (its minimum and maximum when those
+    percentiles coincide): the robust window used when a header gives none."""
     lo, hi = (float(v) for v in np.percentile(values, [low, high]))
     if hi <= lo:
         lo, hi = float(values.min()), float(values.max())
+    return lo, hi
+
+
+def _percentile_window(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    lo, hi = percentile_range(values, low, high)
     if hi <= lo:
         return np.zeros_like(values, dtype=np.float32)
     windowed: np.ndarray = np.clip((values - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
@@ -87,6 +94,19 @@ def gray_from_dicom(ds: object, pixels: np.ndarray, pre: Preprocessing) -> np.nd
     """
     if pixels.ndim != 2:
         raise ValueError(f"expected a 2-D grey frame, got shape {pixels.shape}")
+    values = modality_values(ds, pixels)
+    window = header_window(ds, values)
+    if window is not None:
+        gray = _linear_window(values, *window)
+    else:
+        gray = _percentile_window(values, pre.percentile_low, pre.percentile_high)
+    if is_monochrome1(ds):
+        gray = 1.0 - gray
+    return gray
+
+
+def modality_values(ds: object, pixels: np.ndarray) -> np.ndarray:
+    """Stored pixel values through the modality LUT (Rescale Slope/Intercept), as ``float32``."""
     values = pixels.astype(np.float32)
     slope = getattr(ds, "RescaleSlope", None)
     intercept = getattr(ds, "RescaleIntercept", None)
@@ -94,23 +114,38 @@ def gray_from_dicom(ds: object, pixels: np.ndarray, pre: Preprocessing) -> np.nd
         values = values * (_first(slope) if slope is not None else 1.0) + (
             _first(intercept) if intercept is not None else 0.0
         )
+    return values
 
+
+def _linear_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """The VOI LUT's linear function (PS3.3 C.11.2.1.2), onto ``[0, 1]``."""
+    windowed: np.ndarray = np.clip((values - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0).astype(
+        np.float32
+    )
+    return windowed
+
+
+def header_window(ds: object, values: np.ndarray) -> tuple[float, float] | None:
+    """The header's first VOI window (centre, width) for ``values`` (after the modality LUT),
+    or None when there is none, its width is <= 1, or it leaves the image almost flat (a bad
+    header, not a bad image)."""
     center = getattr(ds, "WindowCenter", None)
     width = getattr(ds, "WindowWidth", None)
-    gray: np.ndarray | None = None
-    if center is not None and width is not None:
-        c, w = _first(center), _first(width)
-        if w > 1.0:
-            gray = np.clip((values - (c - 0.5)) / (w - 1.0) + 0.5, 0.0, 1.0).astype(np.float32)
-            # A window that leaves the image almost flat is a bad header, not a bad image.
-            if float(gray.std()) < 1e-3:
-                gray = None
-    if gray is None:
-        gray = _percentile_window(values, pre.percentile_low, pre.percentile_high)
+    if center is None or width is None:
+        return None
+    c, w = _first(center), _first(width)
+    if w <= 1.0 or float(_linear_window(values, c, w).std()) < 1e-3:
+        return None
+    return c, w
 
-    if str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
-        gray = 1.0 - gray
-    return gray
+
+def is_monochrome1(ds: object) -> bool:
+    """True for MONOCHROME1 (bright = less dense): such pixels are inverted for display."""
+    return str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1"
+
+
+DEEP_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
+"""PIL modes of pictures deeper than 8 bits (16-bit PNG)."""
 
 
 def gray_from_image(image: Image.Image, pre: Preprocessing) -> np.ndarray:
@@ -126,7 +161,7 @@ def gray_from_image(image: Image.Image, pre: Preprocessing) -> np.ndarray:
     Returns:
         ``float32`` 2-D array with values in ``[0, 1]``.
     """
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if image.mode in DEEP_MODES:
         values = np.asarray(image, dtype=np.float32)
         return _percentile_window(values, pre.percentile_low, pre.percentile_high)
     return np.asarray(image.convert("L"), dtype=np.float32) / 255.0

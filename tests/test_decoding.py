@@ -40,7 +40,7 @@ from tests.conftest import shared_data
 from triage_api.blobs import blob_path
 from triage_api.decoding import DecodeTask, Gate, decode_study
 from triage_api.errors import InvalidStudy
-from triage_api.imaging import case_png
+from triage_api.imaging import case_pixels, case_png
 from triage_api.ingest import DICOM
 from triage_api.settings import Settings
 from triage_api.tables import Case
@@ -183,6 +183,9 @@ def test_the_viewer_does_not_decode_a_failed_study_again(tmp_path: Path) -> None
     with pytest.raises(InvalidStudy) as second:
         case_png(case, settings)
     assert str(second.value) == str(first.value)
+    with pytest.raises(InvalidStudy) as pixels:  # the viewer's full-depth values: same memory
+        case_pixels(case, settings)
+    assert str(pixels.value) == str(first.value)
 
 
 # --- decoding at the resolution the model needs -----------------------------------------------

@@ -1,6 +1,7 @@
-"""Pictures for the viewer: the study as a display PNG, and the model's Grad-CAM heat map.
+"""Pictures for the viewer: the study as a display PNG and as full-depth grey values (the
+viewer's own window/level), and the model's Grad-CAM heat map.
 
-Both are derived from the stored blob on demand. The heat map needs the model, loaded
+All are derived from the stored blob on demand. The heat map needs the model, loaded
 lazily once per process (the first heat map pays for it); each case's map is cached as a
 file next to its blob, named by the model version that made it. A study that cannot be
 decoded is remembered by its blob's digest, so the routes do not decode it again on every
@@ -10,9 +11,12 @@ request.
 from __future__ import annotations
 
 import io
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
@@ -22,13 +26,18 @@ from audit.log import EventCode, record
 from models.bundle import Bundle, load_bundle
 from models.explain import gradcam
 from models.preprocess import (
+    DEEP_MODES,
     MAX_DECODED_BYTES,
     DecodeError,
     Preprocessing,
     decode_dicom,
     gray_from_dicom,
     gray_from_image,
+    header_window,
+    is_monochrome1,
+    modality_values,
     open_picture,
+    percentile_range,
     to_input,
 )
 from triage_api import golive
@@ -62,6 +71,28 @@ def _png(image: Image.Image) -> bytes:
     return out.getvalue()
 
 
+T = TypeVar("T")
+
+
+def _decoding(work: Callable[[], T]) -> T:
+    """``work()``, where any failure to decode or read the study's pixels becomes
+    :class:`InvalidStudy`."""
+    try:
+        return work()
+    except (DecodeError, ValueError, TypeError, IndexError) as exc:
+        reason = str(exc) if isinstance(exc, DecodeError) else type(exc).__name__
+        raise InvalidStudy(f"cannot display the study: {reason}") from None
+
+
+def _first_frame(pixels: np.ndarray) -> np.ndarray:
+    """A colour or multi-frame study (never scored) as one grey frame: its first, channels averaged."""
+    first = pixels if pixels.ndim == 3 and pixels.shape[-1] in (3, 4) else pixels[0]
+    gray = np.asarray(first, dtype=np.float32)
+    if gray.ndim == 3:
+        gray = gray[..., :3].mean(axis=-1)
+    return gray
+
+
 def _gray(data: bytes, media_type: str, pre: Preprocessing, *, min_side: int, max_bytes: int) -> np.ndarray:
     """The study as a ``[0, 1]`` grey image, read the way the model reads it.
 
@@ -72,22 +103,20 @@ def _gray(data: bytes, media_type: str, pre: Preprocessing, *, min_side: int, ma
     Raises:
         InvalidStudy: the pixels cannot be decoded.
     """
-    try:
+
+    def work() -> np.ndarray:
         if media_type != DICOM:
             return gray_from_image(open_picture(data, min_side=min_side, max_bytes=max_bytes), pre)
         ds, pixels = decode_dicom(data, min_side=min_side, max_bytes=max_bytes)
         if pixels.ndim == 2:
             return gray_from_dicom(ds, pixels, pre)
         # Colour or multi-frame (never scored): show the first frame as a plain picture.
-        first = pixels if pixels.ndim == 3 and pixels.shape[-1] in (3, 4) else pixels[0]
-        gray = np.asarray(first, dtype=np.float32)
-        if gray.ndim == 3:
-            gray = gray[..., :3].mean(axis=-1)
+        gray = _first_frame(pixels)
         span = float(gray.max() - gray.min()) or 1.0
-        return (gray - float(gray.min())) / span
-    except (DecodeError, ValueError, TypeError, IndexError) as exc:
-        reason = str(exc) if isinstance(exc, DecodeError) else type(exc).__name__
-        raise InvalidStudy(f"cannot display the study: {reason}") from None
+        normalised: np.ndarray = (gray - float(gray.min())) / span
+        return normalised
+
+    return _decoding(work)
 
 
 _UNDECODABLE_KEPT = 4096
@@ -95,7 +124,7 @@ _undecodable: OrderedDict[str, str] = OrderedDict()
 _undecodable_lock = threading.Lock()
 
 
-def _once(digest: str, render: Callable[[], bytes]) -> bytes:
+def _once(digest: str, render: Callable[[], T]) -> T:
     """``render()``, unless the study with this blob digest failed to decode before.
 
     A failed study is not decoded again on every request: a hostile one would cost its
@@ -225,6 +254,189 @@ def case_png(case: Case, settings: Settings) -> bytes:
     return _once(
         case.sha256,
         lambda: display_png(
+            read_blob(settings.blob_dir, case.sha256), case.media_type, settings.max_decoded_bytes
+        ),
+    )
+
+
+DISPLAY_PIXELS_SIDE = 1024
+"""Longest side of the full-depth pixels the viewer windows itself: about a screen's worth."""
+
+
+@dataclass(frozen=True)
+class DisplayPixels:
+    """A study's grey values at display resolution and full bit depth, for the viewer's
+    window/level: pixels without identity (no header value but geometry and windows).
+
+    ``values`` are the modality values (after Rescale Slope/Intercept), MONOCHROME1 inverted
+    so that bright is dense, shifted (and, past 16 bits, scaled) into ``0 .. 2**bits - 1``;
+    windows are in those units.
+    """
+
+    values: np.ndarray
+    """``uint16``, rows x columns."""
+    bits: int
+    window: tuple[float, float]
+    """Default (centre, width): the file's VOI window, else the model's percentile window."""
+    window_from: str
+    spacing_mm: tuple[float, float] | None
+    """(row, column) spacing of the display pixels in mm, from the header's, scaled."""
+    spacing_from: str | None
+
+    def info(self) -> dict[str, object]:
+        """Geometry, depth and windows, as the viewer reads them (the ``X-Pixel-Info`` header).
+
+        The presets beside the default are relative to this image's grey-level range (a
+        radiograph's values are not calibrated like CT's Hounsfield units): lung shows the dark
+        low-density range, soft tissue the mediastinum's middle, bone the dense top.
+        """
+        pre = Preprocessing()
+        lo, hi = percentile_range(self.values, pre.percentile_low, pre.percentile_high)
+        span = max(hi - lo, 2.0)
+
+        def window(center: float, width: float) -> list[float]:
+            return [round(center, 1), round(max(width, 2.0), 1)]
+
+        rows, columns = self.values.shape
+        return {
+            "width": columns,
+            "height": rows,
+            "bits": self.bits,
+            "window": window(*self.window),
+            "window_from": self.window_from,
+            "presets": {
+                "lung": window(lo + 0.35 * span, 0.7 * span),
+                "soft": window(lo + 0.6 * span, 0.5 * span),
+                "bone": window(lo + 0.85 * span, 0.35 * span),
+            },
+            "spacing_mm": [round(v, 6) for v in self.spacing_mm] if self.spacing_mm else None,
+            "spacing_from": self.spacing_from,
+        }
+
+    def body(self) -> bytes:
+        """The values as little-endian ``uint16``, row by row."""
+        return self.values.astype("<u2").tobytes()
+
+
+def _shrink(values: np.ndarray) -> np.ndarray:
+    """``values`` area-averaged (a box filter: every source pixel counts) to at most
+    :data:`DISPLAY_PIXELS_SIDE` on the long side, as ``float32``."""
+    rows, columns = values.shape
+    longest = max(rows, columns)
+    if longest <= DISPLAY_PIXELS_SIDE:
+        return values.astype(np.float32)
+    scale = DISPLAY_PIXELS_SIDE / longest
+    size = (max(1, round(columns * scale)), max(1, round(rows * scale)))
+    picture = Image.fromarray(values.astype(np.float32), mode="F")
+    return np.asarray(picture.resize(size, Image.Resampling.BOX), dtype=np.float32)
+
+
+def _modality_range(ds: object, values: np.ndarray) -> tuple[float, float]:
+    """The range a frame's modality values can take (from Bits Stored and Pixel
+    Representation through the modality LUT), widened to the values actually there."""
+    lo, hi = float(values.min()), float(values.max())
+    try:
+        bits = int(getattr(ds, "BitsStored", None) or getattr(ds, "BitsAllocated", None) or 16)
+        signed = int(getattr(ds, "PixelRepresentation", 0) or 0) == 1
+    except (TypeError, ValueError):
+        return lo, hi
+    bits = max(1, min(bits, 32))
+    stored = np.array(
+        [-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1], dtype=np.float64
+    )
+    ends = modality_values(ds, stored)
+    return min(lo, float(ends.min())), max(hi, float(ends.max()))
+
+
+def _spacing(
+    ds: object, decoded: tuple[int, ...], shown: tuple[int, ...]
+) -> tuple[tuple[float, float] | None, str | None]:
+    """(row, column) mm between the shown pixels: Pixel Spacing (calibrated to the patient),
+    else Imager Pixel Spacing (at the detector), scaled from the decoded to the shown size."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        try:
+            row, column = (float(v) for v in getattr(ds, keyword, None) or ())
+        except (TypeError, ValueError):
+            continue
+        if all(math.isfinite(v) and v > 0 for v in (row, column)):
+            return (row * decoded[0] / shown[0], column * decoded[1] / shown[1]), keyword
+    return None, None
+
+
+def _packed(
+    shown: np.ndarray,
+    value_range: tuple[float, float],
+    window: tuple[float, float] | None,
+    window_from: str,
+    *,
+    invert: bool,
+    spacing: tuple[tuple[float, float] | None, str | None] = (None, None),
+) -> DisplayPixels:
+    """Display values (and their window) moved into ``uint16``: inverted within
+    ``value_range`` if asked, shifted to start at 0, scaled down only past 16 bits."""
+    lo, hi = value_range
+    if window is None:
+        pre = Preprocessing()
+        p_lo, p_hi = percentile_range(shown, pre.percentile_low, pre.percentile_high)
+        window, window_from = ((p_lo + p_hi) / 2, max(p_hi - p_lo, 2.0)), "percentiles"
+    center, width = window
+    if invert:
+        shown, center = lo + hi - shown, lo + hi - center
+    unit = max(1.0, (hi - lo) / 65535.0)
+    values = np.clip(np.rint((shown - lo) / unit), 0, 65535).astype(np.uint16)
+    bits = max(1, min(16, math.ceil(math.log2((hi - lo) / unit + 1))))
+    mm, source = spacing
+    return DisplayPixels(values, bits, ((center - lo) / unit, width / unit), window_from, mm, source)
+
+
+def display_pixels(data: bytes, media_type: str, max_bytes: int = MAX_DECODED_BYTES) -> DisplayPixels:
+    """The study's full-depth grey values for the viewer's own window/level.
+
+    DICOM: the modality LUT, then MONOCHROME1 inverted (the VOI window is left to the viewer;
+    the file's first window is its default); an 8-bit PNG/JPEG keeps its 0..255 values
+    (default window: all of them), a 16-bit PNG its 16 bits. Decoded at full size through
+    the same decoders as the model's input, then area-averaged to display size.
+
+    Raises:
+        InvalidStudy: the pixels cannot be decoded, or are over ``max_bytes``.
+    """
+
+    def work() -> DisplayPixels:
+        if media_type != DICOM:
+            image = open_picture(data, max_bytes=max_bytes)
+            if image.mode not in DEEP_MODES:
+                grey = _shrink(np.asarray(image.convert("L"), dtype=np.float32))
+                return _packed(grey, (0.0, 255.0), (128.0, 256.0), "full range", invert=False)
+            values = np.asarray(image, dtype=np.float32)
+            deep = (0.0, 65535.0) if "16" in image.mode else (float(values.min()), float(values.max()))
+            return _packed(_shrink(values), deep, None, "percentiles", invert=False)
+        ds, pixels = decode_dicom(data, max_bytes=max_bytes)
+        if pixels.ndim != 2:  # colour or multi-frame (never scored): the first frame, plainly
+            frame = _first_frame(pixels)
+            shown = _shrink(frame)
+            value_range = (float(frame.min()), float(frame.max()))
+            return _packed(shown, value_range, None, "percentiles", invert=False)
+        values = modality_values(ds, pixels)
+        shown = _shrink(values)
+        window = header_window(ds, shown)
+        return _packed(
+            shown,
+            _modality_range(ds, values),
+            window,
+            "file",
+            invert=is_monochrome1(ds),
+            spacing=_spacing(ds, values.shape, shown.shape),
+        )
+
+    return _decoding(work)
+
+
+def case_pixels(case: Case, settings: Settings) -> DisplayPixels:
+    """The full-depth display values of ``case`` (see :func:`display_pixels`); a study that
+    failed to decode before is answered from memory."""
+    return _once(
+        case.sha256,
+        lambda: display_pixels(
             read_blob(settings.blob_dir, case.sha256), case.media_type, settings.max_decoded_bytes
         ),
     )

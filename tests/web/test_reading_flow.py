@@ -100,15 +100,17 @@ def test_a_keyboard_only_read_claims_agrees_saves_and_moves_on_to_the_next_case(
         not page.get_by_label("I agree").is_checked() and not page.get_by_label("I override it").is_checked()
     )
     page.keyboard.press("Escape")
-    # Override: "o" opens the reason picker on its first reason; a digit picks one; "f" and
-    # the arrow keys choose the finding.
+    # Override: "o" opens the reason picker on its first reason; a digit picks one; "d" and
+    # the arrow keys choose the finding. A digit with the picker closed picks no reason.
     assert page.locator("#reason-picker").is_hidden()
+    page.keyboard.press("5")
+    assert not page.get_by_label("I override it").is_checked() and page.locator("#reason-picker").is_hidden()
     page.keyboard.press("o")
     assert page.get_by_label("I override it").is_checked() and page.locator("#reason-picker").is_visible()
     assert page.evaluate("document.activeElement.value") == "false_positive"
     page.keyboard.press("3")
     assert page.get_by_label("image quality").is_checked()
-    page.keyboard.press("f")
+    page.keyboard.press("d")
     page.keyboard.press("ArrowDown")
     page.keyboard.press("Escape")
     assert page.get_by_label("Finding").input_value() == "normal"

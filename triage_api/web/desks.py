@@ -18,7 +18,7 @@ import json
 import os
 import time
 from datetime import UTC, date, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated
 from urllib.parse import urlencode
 
 from cryptography.exceptions import InvalidTag
@@ -26,8 +26,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from fastapi import APIRouter, Cookie, Form, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from triage_api import oversight, users
@@ -142,9 +143,8 @@ def _admin(
 ) -> HTMLResponse:
     with runtime.reads() as session:
         people = users.directory(session)
-        open_appeals = len(
-            list(session.execute(select(Appeal.id).where(Appeal.status == AppealStatus.OPEN)).scalars())
-        )
+        open_query = select(func.count()).select_from(Appeal).where(Appeal.status == AppealStatus.OPEN)
+        open_appeals = session.execute(open_query).scalar_one()
     done = request.query_params.get("done")
     return _page(
         request,
@@ -308,7 +308,7 @@ def _day(text: str, label: str) -> date | None:
         raise InvalidRequest(f"{label}: {text} is not a date (YYYY-MM-DD)") from None
 
 
-def _actor(session: Any, text: str) -> str:
+def _actor(session: Session, text: str) -> str:
     """A user's name as its actor id (``user:<id>``); anything else (``cli``, ``user:7``) as typed."""
     found = session.execute(select(User.id).where(User.name == text)).scalar_one_or_none()
     return f"user:{found}" if found is not None else text

@@ -29,9 +29,11 @@ def search(
     since: datetime | None = None,
     until: datetime | None = None,
     after_seq: int = 0,
+    before_seq: int | None = None,
+    newest_first: bool = False,
     limit: int = 100,
 ) -> Sequence[AuditEvent]:
-    """Events matching every given filter, in ``seq`` order, after the ``after_seq`` cursor.
+    """Events matching every given filter, in ``seq`` order, between the cursors.
 
     Args:
         session: any session on the audit database.
@@ -44,10 +46,13 @@ def search(
         since: events at or after this time (time-zone aware).
         until: events before this time (time-zone aware).
         after_seq: return events with a larger sequence number (0 = from the start).
+        before_seq: return events with a smaller sequence number (None = to the end); the
+            cursor for paging newest first.
+        newest_first: order by descending ``seq`` (the newest ``limit`` events that match).
         limit: at most this many.
 
     Returns:
-        The events, oldest first.
+        The events, oldest first (newest first with ``newest_first``).
 
     Raises:
         ValueError: a naive ``since``/``until``, or a ``limit`` below 1.
@@ -55,6 +60,8 @@ def search(
     if limit < 1:
         raise ValueError("limit must be at least 1")
     query = select(AuditEvent).where(AuditEvent.seq > after_seq)
+    if before_seq is not None:
+        query = query.where(AuditEvent.seq < before_seq)
     if visible is not None:
         query = query.where(visible)
     if object_type is not None:
@@ -69,4 +76,5 @@ def search(
         query = query.where(AuditEvent.at >= _stored_time(since))
     if until is not None:
         query = query.where(AuditEvent.at < _stored_time(until))
-    return list(session.execute(query.order_by(AuditEvent.seq).limit(limit)).scalars())
+    order = AuditEvent.seq.desc() if newest_first else AuditEvent.seq
+    return list(session.execute(query.order_by(order).limit(limit)).scalars())

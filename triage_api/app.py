@@ -44,8 +44,9 @@ FIRST_ADMIN_KEY = "first-admin.key"
 """Where the bootstrap admin's key is written (in ``secret_dir``), never to stdout: a
 journal keeps stdout for anyone in the ``systemd-journal`` group."""
 MULTIPART_OVERHEAD = 64 * 1024
-UPLOAD_PATHS = frozenset({"/v1/studies", "/dicom-web/studies"})
-"""Routes that take a study's bytes; every other body is capped at ``max_json_bytes``."""
+UPLOAD_PATHS = frozenset({"/v1/studies", "/dicom-web/studies", "/web/clinic/upload"})
+"""Routes that take a study's bytes (the clinic page's sends one raw, checked for its CSRF
+token before a byte is read); every other body is capped at ``max_json_bytes``."""
 OPEN_PATHS = frozenset({"/login"})
 """The only route that takes a body from a caller who has no credential yet."""
 BODILESS = frozenset({"GET", "HEAD", "OPTIONS"})

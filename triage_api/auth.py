@@ -85,8 +85,8 @@ def authenticate(session: Session, token: str) -> Principal:
     return Principal(user.id, Role(user.role), frozenset(c.id for c in user.clinics))
 
 
-def add_user(session: Session, *, name: str, role: Role, clinics: list[str]) -> tuple[User, str]:
-    """Create a user with access to the named clinics (created if new) and its first key.
+def clinics_for(session: Session, *, role: Role, clinics: list[str]) -> list[Clinic]:
+    """The named clinics (created if new) for a user of ``role``.
 
     Raises:
         NotPermitted: an uploader must belong to exactly one clinic; an admin to none.
@@ -97,13 +97,23 @@ def add_user(session: Session, *, name: str, role: Role, clinics: list[str]) -> 
         raise NotPermitted("an admin manages the site and reads no clinic's cases")
     now = datetime.now(UTC)
     rows = []
-    for clinic_name in clinics:
+    for clinic_name in dict.fromkeys(clinics):
         clinic = session.execute(select(Clinic).where(Clinic.name == clinic_name)).scalar_one_or_none()
         if clinic is None:
             clinic = Clinic(name=clinic_name, created_at=now)
             session.add(clinic)
         rows.append(clinic)
-    user = User(name=name, role=role.value, created_at=now, disabled=False, clinics=rows)
+    return rows
+
+
+def add_user(session: Session, *, name: str, role: Role, clinics: list[str]) -> tuple[User, str]:
+    """Create a user with access to the named clinics (created if new) and its first key.
+
+    Raises:
+        NotPermitted: an uploader must belong to exactly one clinic; an admin to none.
+    """
+    rows = clinics_for(session, role=role, clinics=clinics)
+    user = User(name=name, role=role.value, created_at=datetime.now(UTC), disabled=False, clinics=rows)
     session.add(user)
     session.flush()
     return user, issue_key(session, user)

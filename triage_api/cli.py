@@ -182,47 +182,37 @@ def _new_password() -> str:
 
 def _users_add(args: argparse.Namespace) -> int:
     from triage_api.errors import InvalidRequest
-    from triage_api.passwords import hash_password
 
     settings = Settings()
+    password = _new_password() if args.password else None
+    engine = make_engine(settings.sqlalchemy_url)
     try:
-        password_hash = hash_password(_new_password()) if args.password else None
+        with transaction(make_sessionmaker(engine)) as session:
+            _, key = users.create_user(
+                session,
+                actor="cli",
+                name=args.name,
+                role=auth.Role(args.role),
+                clinics=args.clinic,
+                password=password,
+            )
     except InvalidRequest as exc:
         raise NotPermitted(exc.message) from None
-    engine = make_engine(settings.sqlalchemy_url)
-    with transaction(make_sessionmaker(engine)) as session:
-        user, key = auth.add_user(session, name=args.name, role=auth.Role(args.role), clinics=args.clinic)
-        user.password_hash = password_hash
-        record(
-            session,
-            actor="cli",
-            action="user.create",
-            code=EventCode.SECURITY_ALERT,
-            object_type="user",
-            object_id=str(user.id),
-            details={"role": args.role, "clinics": args.clinic, "password": password_hash is not None},
-        )
     print(key)
     return 0
 
 
 def _users_revoke(args: argparse.Namespace) -> int:
+    from triage_api.errors import NotFound
+
     settings = Settings()
     engine = make_engine(settings.sqlalchemy_url)
-    with transaction(make_sessionmaker(engine)) as session:
-        key = auth.revoke_key(session, args.prefix)
-        if key is None:
-            print(f"no key with prefix {args.prefix}", file=sys.stderr)
-            return 1
-        record(
-            session,
-            actor="cli",
-            action="key.revoke",
-            code=EventCode.SECURITY_ALERT,
-            object_type="api_key",
-            object_id=args.prefix,
-        )
-        users.end_sessions(session, actor="cli", key=key)
+    try:
+        with transaction(make_sessionmaker(engine)) as session:
+            users.revoke_key(session, actor="cli", prefix=args.prefix)
+    except NotFound:
+        print(f"no key with prefix {args.prefix}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -30,12 +30,26 @@ def test_no_page_is_wider_than_a_phone(site: Site, browser: Any) -> None:
     pages = {
         "dr-north": ["/web/worklist", f"/web/cases/{case_id}"],
         "up-north": ["/web/clinic"],
-        "auditor": ["/web/audit", "/web/audit/log", "/web/audit/monitoring"],
+        "auditor": [
+            "/web/audit",
+            "/web/audit/log",
+            "/web/audit/log?since=2020-01-01&actor=admin&action=user.create",
+            "/web/audit/monitoring",
+        ],
         "admin": ["/web/admin", "/web/nothing-here"],
     }
     for user, paths in pages.items():
         page = site.login(browser, user)
         page.set_viewport_size(PHONE)
+        if user == "admin":  # with a new key on show, and a user's manage panel open
+            page.get_by_label("Name").fill("phone-user")
+            page.get_by_label("Clinics (comma-separated").fill("north")
+            page.get_by_role("button", name="Create user").click()
+            page.locator("#new-key").wait_for()
+            page.wait_for_load_state("load")
+            page.get_by_text("Manage phone-user").click()
+            wide = page.evaluate("document.documentElement.scrollWidth")
+            assert wide <= PHONE["width"], wide
         for path in paths:
             page.goto(site.base + path)
             if path == "/web/worklist":

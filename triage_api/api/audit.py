@@ -17,11 +17,13 @@ Who sees what. An auditor sees, by the object an event is about:
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel
 from sqlalchemy import ColumnElement, String, and_, cast, literal, or_, select
+from sqlalchemy.orm import Session
 
 from audit.log import AuditEvent, EventCode, record
 from audit.query import search
@@ -123,20 +125,10 @@ def read_audit_log(
         if (object_type not in (None, "case")) or (object_id not in (None, case_id)):
             raise InvalidRequest("case_id contradicts object_type/object_id")
         object_type, object_id = "case", case_id
-    filters: dict[str, Any] = {
-        "object_type": object_type,
-        "object_id": object_id,
-        "actor": actor,
-        "action": action,
-        "since": since.isoformat() if since else None,
-        "until": until.isoformat() if until else None,
-        "after_seq": after_seq,
-        "limit": limit,
-    }
     with transaction(runtime.factory) as session:
-        events = search(
+        events = read_log(
             session,
-            visible=visible_to(principal),
+            principal=principal,
             object_type=object_type,
             object_id=object_id,
             actor=actor,
@@ -147,13 +139,62 @@ def read_audit_log(
             limit=limit,
         )
         items = [AuditEventRead.model_validate(event, from_attributes=True) for event in events]
-        record(
-            session,
-            actor=principal.actor,
-            action="audit.query",
-            code=EventCode.AUDIT_LOG_USED,
-            object_type="audit",
-            object_id="audit_events",
-            details={"filters": {k: v for k, v in filters.items() if v is not None}, "returned": len(items)},
-        )
     return AuditPage(items=items, next_after_seq=items[-1].seq if len(items) == limit else None)
+
+
+def read_log(
+    session: Session,
+    *,
+    principal: Principal,
+    object_type: str | None = None,
+    object_id: str | None = None,
+    actor: str | None = None,
+    action: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    after_seq: int = 0,
+    before_seq: int | None = None,
+    newest_first: bool = False,
+    limit: int = 100,
+) -> list[AuditEvent]:
+    """The events ``principal`` may see that match the filters (see :func:`audit.query.search`);
+    the reading itself is audited (110101) with the filters and the count, in the caller's
+    transaction."""
+    events = list(
+        search(
+            session,
+            visible=visible_to(principal),
+            object_type=object_type,
+            object_id=object_id,
+            actor=actor,
+            action=action,
+            since=since,
+            until=until,
+            after_seq=after_seq,
+            before_seq=before_seq,
+            newest_first=newest_first,
+            limit=limit,
+        )
+    )
+    filters: dict[str, Any] = {
+        "object_type": object_type,
+        "object_id": object_id,
+        "actor": actor,
+        "action": action,
+        "since": since.isoformat() if since else None,
+        "until": until.isoformat() if until else None,
+        "after_seq": after_seq,
+        "before_seq": before_seq,
+        "newest_first": newest_first or None,
+        "limit": limit,
+    }
+    record(
+        session,
+        actor=principal.actor,
+        action="audit.query",
+        code=EventCode.AUDIT_LOG_USED,
+        object_type="audit",
+        object_id="audit_events",
+        details={"filters": {k: v for k, v in filters.items() if v is not None}, "returned": len(events)},
+    )
+    return events

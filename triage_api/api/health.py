@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from audit.checkpoint import tail_status
 from audit.copies import copied_head
 from triage_api.auth import Principal, Role
-from triage_api.deps import RuntimeDep, allow
+from triage_api.deps import Runtime, RuntimeDep, allow
 from triage_api.jobs import BATCH_BUCKETS
 from triage_api.tables import Case, Job, Prediction, WorkerBeat
 from triage_api.vocab import CaseStatus, JobStatus
@@ -100,6 +100,12 @@ def healthz() -> dict[str, str]:
 @router.get("/v1/health")
 def health(runtime: RuntimeDep, principal: Operator) -> dict[str, Any]:
     """Queue depth, workers' heartbeats and the model they run."""
+    return report(runtime)
+
+
+def report(runtime: Runtime) -> dict[str, Any]:
+    """The fleet's health (``GET /v1/health``, the admin page): status, jobs by status,
+    the oldest queued job's wait, the audit tail and each worker's heartbeat."""
     now = datetime.now(UTC)
     with runtime.reads() as session:
         jobs = _counts(session, Job.status, JobStatus)

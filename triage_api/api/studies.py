@@ -9,10 +9,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from triage_api import appeals, cases, golive, ingest, reading
-from triage_api.auth import Role
+from triage_api.auth import Principal, Role
 from triage_api.db import transaction
-from triage_api.deps import Reader, RuntimeDep, Uploader
+from triage_api.deps import Reader, Runtime, RuntimeDep, Uploader
 from triage_api.schemas import CaseRead, ClinicCase, StudyCreated, case_read
+from triage_api.tables import Case
 
 router = APIRouter()
 
@@ -25,20 +26,8 @@ router = APIRouter()
 )
 def upload_study(runtime: RuntimeDep, principal: Uploader, file: Annotated[UploadFile, File()]) -> Any:
     """Upload one study (DICOM Part 10, PNG or JPEG) for scoring."""
-    for clinic_id in principal.clinic_ids:
-        runtime.limiter.take(clinic_id)
-    limit = runtime.settings.max_upload_bytes
-    data = file.file.read(limit + 1)
-    if len(data) > limit:
-        raise StarletteHTTPException(413, f"file over {limit} bytes")
-    case, created = ingest.accept_study(
-        runtime.factory,
-        reads=runtime.reads,
-        principal=principal,
-        data=data,
-        settings=runtime.settings,
-        pseudonym_key=runtime.pseudonym_key,
-    )
+    limit = admit(runtime, principal)
+    case, created = accept(runtime, principal, file.file.read(limit + 1))
     body = StudyCreated(
         id=case.id,
         status=case.status,
@@ -47,6 +36,43 @@ def upload_study(runtime: RuntimeDep, principal: Uploader, file: Annotated[Uploa
         deadline=case.deadline,
     )
     return JSONResponse(body.model_dump(mode="json"), status_code=201 if created else 200)
+
+
+def admit(runtime: Runtime, principal: Principal) -> int:
+    """Take one upload from the clinic's rate limit, before a byte of the study is read.
+
+    Returns:
+        The most bytes a study may have (read one more to tell an oversized one).
+
+    Raises:
+        TooManyRequests: the clinic sent too many studies lately.
+    """
+    for clinic_id in principal.clinic_ids:
+        runtime.limiter.take(clinic_id)
+    return runtime.settings.max_upload_bytes
+
+
+def accept(runtime: Runtime, principal: Principal, data: bytes) -> tuple[Case, bool]:
+    """The one way an uploaded study comes in, from the REST API or the clinic's page.
+
+    Returns:
+        The case and whether it is new (see :func:`triage_api.ingest.accept_study`).
+
+    Raises:
+        HTTPException: 413, the study is over ``max_upload_bytes``.
+        UnsupportedMediaType, InvalidStudy, NotPermitted: refused; nothing is stored.
+    """
+    limit = runtime.settings.max_upload_bytes
+    if len(data) > limit:
+        raise StarletteHTTPException(413, f"file over {limit} bytes")
+    return ingest.accept_study(
+        runtime.factory,
+        reads=runtime.reads,
+        principal=principal,
+        data=data,
+        settings=runtime.settings,
+        pseudonym_key=runtime.pseudonym_key,
+    )
 
 
 @router.get("/v1/studies/{case_id}", response_model=CaseRead | ClinicCase)

@@ -22,7 +22,7 @@ def create_user(runtime: RuntimeDep, principal: Admin, body: UserCreate) -> User
         with transaction(runtime.factory) as session:
             user, key = users.create_user(
                 session,
-                principal=principal,
+                actor=principal.actor,
                 name=body.name,
                 role=body.role,
                 clinics=body.clinics,
@@ -55,5 +55,5 @@ def _set_disabled(runtime: Runtime, actor: str, user_id: int, *, disabled: bool)
 def revoke_key(runtime: RuntimeDep, principal: Admin, prefix: str) -> KeyRevoked:
     """Revoke an API key by its public prefix."""
     with transaction(runtime.factory) as session:
-        revoked_at = users.revoke_key(session, principal=principal, prefix=prefix)
+        revoked_at = users.revoke_key(session, actor=principal.actor, prefix=prefix)
         return KeyRevoked(prefix=prefix, revoked_at=revoked_at)

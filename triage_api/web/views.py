@@ -30,21 +30,17 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from audit.log import AuditEvent
-from audit.query import search
 from models.bundle import BundleError, ModelCard, read_card
 from triage_api import appeals, cases, golive, imaging, monitoring, oversight, reading
-from triage_api.api.audit import visible_to
 from triage_api.auth import Principal, Role
 from triage_api.db import transaction
 from triage_api.deps import Runtime, RuntimeDep
 from triage_api.errors import InvalidRequest, NotAuthenticated, TriageError
-from triage_api.params import Id, Seq
+from triage_api.params import Id
 from triage_api.schemas import AppealCreate, AppealDecision, PriorityChange, ReadCreate
-from triage_api.tables import Appeal, Case, Clinic, User
+from triage_api.tables import Case, Clinic, User
 from triage_api.vocab import (
     AppealCategory,
-    AppealStatus,
     CaseStatus,
     Finding,
     OverrideReason,
@@ -710,7 +706,8 @@ def decide_appeal(
 
 @router.get("/web/clinic", response_class=HTMLResponse)
 def clinic_page(request: Request, runtime: RuntimeDep, user: UploaderPage) -> HTMLResponse:
-    """A clinic's cases and their status, its appeals and their outcomes."""
+    """A clinic's cases (by accession number where the study had one), their results and
+    appeals, and the upload form."""
     with transaction(runtime.factory) as session:
         rows = cases.worklist(session, principal=user.principal, limit=500)
         shown = appeals.clinic_view(session, rows)
@@ -721,6 +718,8 @@ def clinic_page(request: Request, runtime: RuntimeDep, user: UploaderPage) -> HT
         "clinic.html",
         user,
         cases=shown,
+        accession={c.id: c.accession_number for c in rows},
+        max_upload_bytes=runtime.settings.max_upload_bytes,
         appeals=filed,
         second=second,
         categories=list(AppealCategory),
@@ -816,45 +815,6 @@ def audit_desk(
     )
 
 
-@router.get("/web/audit/log", response_class=HTMLResponse)
-def audit_log(
-    request: Request,
-    runtime: RuntimeDep,
-    user: AuditorPage,
-    action: Annotated[str | None, Query(max_length=60)] = None,
-    object_type: Annotated[str | None, Query(max_length=40)] = None,
-    after_seq: Seq = 0,
-) -> HTMLResponse:
-    """The audit log, with the chain verified now and the last signed checkpoint."""
-    action, object_type = action or None, object_type or None
-    with transaction(runtime.factory) as session:
-        events: list[AuditEvent] = list(
-            search(
-                session,
-                visible=visible_to(user.principal),
-                action=action,
-                object_type=object_type,
-                after_seq=after_seq,
-                limit=100,
-            )
-        )
-        status = oversight.chain_status(
-            session,
-            principal=user.principal,
-            key_path=runtime.settings.audit_key_path,
-            copy_path=runtime.settings.audit_copy_path,
-        )
-    return _page(
-        request,
-        "audit_log.html",
-        user,
-        events=events,
-        chain=status,
-        chosen={"action": action or "", "object_type": object_type or ""},
-        next_after=events[-1].seq if len(events) == 100 else None,
-    )
-
-
 TREND_WINDOWS = 6
 """The monitoring window is cut into this many consecutive windows for the trend charts."""
 
@@ -924,16 +884,6 @@ def monitoring_page(
     )
 
 
-@router.get("/web/admin", response_class=HTMLResponse)
-def admin_page(request: Request, runtime: RuntimeDep, user: AdminPage) -> HTMLResponse:
-    """Admins manage users and keys through the CLI and API; this page says so."""
-    with runtime.reads() as session:
-        users = list(session.execute(select(User).order_by(User.name)).scalars())
-        open_query = select(Appeal).where(Appeal.status == AppealStatus.OPEN)
-        open_appeals = list(session.execute(open_query).scalars())
-    return _page(request, "admin.html", user, users=users, open_appeals=open_appeals)
-
-
 # --- wiring ----------------------------------------------------------------------------------
 
 
@@ -959,7 +909,10 @@ async def _delegate(result: Response | Awaitable[Response]) -> Response:
 
 def install(app: FastAPI) -> None:
     """Add the pages, their static files, and HTML error pages for browser routes."""
+    from triage_api.web import desks  # it builds on this module's dependencies
+
     app.include_router(router)
+    app.include_router(desks.router)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     json_domain = app.exception_handlers[TriageError]
     json_http = app.exception_handlers[StarletteHTTPException]

@@ -267,7 +267,7 @@ def test_a_reader_cannot_open_another_clinics_case(site: Site, browser: Any) -> 
     response = page.goto(f"{site.base}/web/cases/{south_case}")
     assert response is not None and response.status == 404
     assert "no such case" in page.get_by_role("alert").inner_text()
-    assert page.request.get(f"{site.base}/web/cases/{south_case}/image.png").status == 404
+    assert page.request.get(f"{site.base}/web/cases/{south_case}/pixels").status == 404
     assert page.request.get(f"{site.base}/web/cases/{south_case}/heatmap.png").status == 404
     shot(page, "not-found")
     page.context.close()

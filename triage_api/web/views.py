@@ -517,14 +517,6 @@ def _private_png(data: bytes) -> Response:
     return Response(data, media_type="image/png", headers={"Cache-Control": "private, no-store"})
 
 
-@router.get("/web/cases/{case_id}/image.png")
-def case_image(runtime: RuntimeDep, user: CurrentUser, case_id: str) -> Response:
-    """The study as a grey PNG for the canvas viewer."""
-    with transaction(runtime.factory) as session:
-        case = imaging.image_case(session, principal=user.principal, case_id=case_id)
-    return _private_png(imaging.case_png(case, runtime.settings))
-
-
 def _private_pixels(pixels: imaging.DisplayPixels) -> Response:
     """Full-depth grey values (little-endian uint16) with their geometry and windows in the
     ``X-Pixel-Info`` header (JSON); never kept by the browser or a proxy."""
@@ -540,7 +532,7 @@ def _private_pixels(pixels: imaging.DisplayPixels) -> Response:
 
 @router.get("/web/cases/{case_id}/pixels")
 def case_pixels(runtime: RuntimeDep, user: CurrentUser, case_id: str) -> Response:
-    """The study's full-depth grey values for the viewer's window/level (rules of ``image.png``)."""
+    """The study's full-depth grey values for the viewer (who may see the study: ``imaging.image_case``)."""
     with transaction(runtime.factory) as session:
         case = imaging.image_case(session, principal=user.principal, case_id=case_id)
     return _private_pixels(imaging.case_pixels(case, runtime.settings))
@@ -665,14 +657,6 @@ def appeal_page(request: Request, runtime: RuntimeDep, user: RadiologistPage, ap
         case=case,
         findings=list(Finding),
     )
-
-
-@router.get("/web/appeals/{appeal_id}/image.png")
-def appeal_image(runtime: RuntimeDep, user: RadiologistPage, appeal_id: Id) -> Response:
-    """The study as a grey PNG for the assigned second reader."""
-    with transaction(runtime.factory) as session:
-        _, case = appeals.blinded_view(session, principal=user.principal, appeal_id=appeal_id)
-    return _private_png(imaging.case_png(case, runtime.settings))
 
 
 @router.get("/web/appeals/{appeal_id}/pixels")

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def test_cuda_amp_scores_match_cpu_and_do_not_depend_on_batching(tiny_bundle: Path) -> None:
     cpu = load_bundle(tiny_bundle, "cpu")
-    gpu = load_bundle(tiny_bundle, "cuda:0")
+    assert not load_bundle(tiny_bundle, "cuda:0").amp  # fp32 by default, as on the CPU
+    gpu = load_bundle(tiny_bundle, "cuda:0", amp=True)
     assert gpu.amp
     size = cpu.card.preprocessing.input_size
     batch = np.random.default_rng(0).standard_normal((32, 3, size, size)).astype(np.float32)

@@ -14,11 +14,12 @@ from tests.models.conftest import TESTS_DATA
 from triage_api.settings import DEFAULT_BUNDLE
 
 PREVIOUS_BUNDLE = Path(__file__).parents[2] / "models" / "bundles" / "cxr-pneumonia-lite0"
+SECOND_BUNDLE = Path(__file__).parents[2] / "models" / "bundles" / "cxr-pneumonia-2.0.0"
 
 
 def test_card_is_complete(default_bundle_dir: Path) -> None:
     card = verify_bundle(default_bundle_dir)
-    assert card.ref == "cxr-pneumonia@2.0.0"
+    assert card.ref == "cxr-pneumonia@2.1.0"
     assert card.labels == ("normal", "pneumonia") and card.positive_label == "pneumonia"
     assert card.architecture == "tf_efficientnet_lite0"
     assert card.thresholds.elevated <= card.thresholds.critical
@@ -30,6 +31,9 @@ def test_card_is_complete(default_bundle_dir: Path) -> None:
     )
     assert metrics["hard_validation"]["auroc_ci95"][0] > 0.9
     assert card.training["seed"] == 0 and card.training["command"].startswith("python -m models.cli train")
+    # An ensemble of two Lite0 networks, each verified by its own checksum.
+    assert [m.architecture for m in card.networks] == ["tf_efficientnet_lite0"] * 2
+    assert len({m.sha256 for m in card.networks}) == 2
     assert card.limitations
     assert all((default_bundle_dir / m.file).stat().st_size <= 20_000_000 for m in card.networks)
 
@@ -38,9 +42,10 @@ def test_the_service_serves_it_by_default_and_the_previous_bundle_still_loads(
     default_bundle_dir: Path,
 ) -> None:
     assert DEFAULT_BUNDLE.resolve() == default_bundle_dir.resolve()
-    previous = load_bundle(PREVIOUS_BUNDLE)
-    assert previous.card.ref == "cxr-pneumonia-lite0@1.0.0"
-    assert previous.predict(np.zeros((1, 3, 224, 224), dtype=np.float32)).shape == (1,)
+    for path, ref in ((PREVIOUS_BUNDLE, "cxr-pneumonia-lite0@1.0.0"), (SECOND_BUNDLE, "cxr-pneumonia@2.0.0")):
+        previous = load_bundle(path)
+        assert previous.card.ref == ref
+        assert previous.predict(np.zeros((1, 3, 224, 224), dtype=np.float32)).shape == (1,)
 
 
 def test_scores_a_real_chest_dicom(default_bundle: Bundle, chest_dicom: Path) -> None:

@@ -35,9 +35,10 @@ def test_default_bundle_is_served_rewritten_with_the_same_scores(default_bundle_
 def test_rewrite_counts_and_other_input_sizes(default_bundle_dir: Path) -> None:
     plain = load_bundle(default_bundle_dir, rewrite=False).network
     fast, folded, cropped = rewrite(plain, 224)
-    # EfficientNet-Lite0: every convolution has its batch norm; five strided "same" convolutions.
-    assert folded == sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules()) == 49
-    assert cropped == 5
+    # Two EfficientNet-Lite0 members: every convolution has its batch norm (49 a network);
+    # five strided "same" convolutions a network.
+    assert folded == sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules()) == 2 * 49
+    assert cropped == 2 * 5
     with torch.no_grad():
         for size in (224, 161):  # 161: not the served size, the convolutions pad as before
             x = _inputs(2, size)
@@ -108,6 +109,8 @@ def test_bf16_autocast_runs_the_rewritten_network(default_bundle_dir: Path, samp
     batch = np.stack([to_input(load_gray(sample.path, pre), pre) for sample in samples])
     want, got = fp32.predict(batch), bf16.predict(batch)
     assert want.min() < 0.5 < want.max()  # both classes: the scores are not saturated alike
-    # bf16's logit error reaches the score divided by the temperature: 2.0.0's T = 0.33
-    # (1.0.0: 0.50) moves a mid-range score by up to ~0.021 (measured), not by more.
-    assert got == pytest.approx(want, abs=0.03)
+    # bf16's logit error reaches the score divided by the temperature (2.1.0: T = 0.48): a
+    # mid-range score moves by up to ~0.07 (measured; 2.0.0: 0.021), which is why amp is
+    # opt-in. Scores near 0 or 1 barely move.
+    assert got == pytest.approx(want, abs=0.1)
+    assert not load_bundle(default_bundle_dir).amp

@@ -156,6 +156,9 @@ def main() -> None:
             "TRIAGE_PORT": str(triage_port),
             "TRIAGE_UPLOAD_BURST": str(10 * args.uploads),  # measure ingest, not the rate limit
         }
+        # The CLI creates no database but through migrate (or serve, or restore).
+        migrate = [sys.executable, "-m", "triage_api.cli", "migrate"]
+        subprocess.run(migrate, env=triage_env, cwd=ROOT, check=True)
         users = subprocess.run(
             [
                 sys.executable,

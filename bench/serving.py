@@ -137,6 +137,8 @@ def end_to_end(args: argparse.Namespace, files: list[bytes]) -> float:
         )
         if args.model:
             env["TRIAGE_MODEL_PATH"] = args.model
+        # The CLI creates no database but through migrate (or serve, or restore).
+        subprocess.run([sys.executable, "-m", "triage_api.cli", "migrate"], env=env, cwd=ROOT, check=True)
         key = (
             subprocess.run(
                 [

@@ -26,7 +26,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from models import jpeg2000
+from models import jpeg2000, preprocess
 from models.preprocess import (
     DecodeError,
     Preprocessing,
@@ -37,6 +37,7 @@ from models.preprocess import (
     to_input,
 )
 from tests.conftest import shared_data
+from triage_api import imaging
 from triage_api.blobs import blob_path
 from triage_api.decoding import DecodeTask, Gate, decode_study
 from triage_api.errors import InvalidStudy
@@ -274,3 +275,33 @@ def test_samples_wider_than_the_header_allocates_are_refused() -> None:
     frame = encode_array(radiograph(64, 64), bits_stored=12)
     with pytest.raises(DecodeError, match="12-bit samples, the header allocates 8 bits"):
         decode_dicom(dicom(encapsulate([frame]), JPEG2000Lossless, 64, 64, bits=8, stored=8))
+
+
+def test_the_viewer_decodes_a_large_j2k_only_as_far_as_the_display_needs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 2200x2048 J2K study is decoded one resolution level down (1100x1024), not in full,
+    then boxed to 1024 on its long side; the spacing follows the header's size."""
+    pixels = radiograph(2200, 2048)
+    ds = pydicom.dcmread(io.BytesIO(j2k_dicom(pixels)))
+    ds.PixelSpacing = [0.15, 0.15]
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    asked: list[int] = []
+    real = preprocess.dicom_pixels
+
+    def spy(dataset: pydicom.Dataset, **kwargs: int) -> np.ndarray:
+        asked.append(kwargs["min_side"])
+        decoded = real(dataset, **kwargs)
+        assert decoded.shape == (1100, 1024)  # the first level down: the decoder skipped the rest
+        return decoded
+
+    monkeypatch.setattr(imaging, "dicom_pixels", spy)
+    shown = imaging.display_pixels(out.getvalue(), DICOM)
+    info = shown.info()
+    assert asked == [954] and (info["height"], info["width"]) == (1024, 953)
+    assert info["spacing_mm"] == pytest.approx([0.15 * 2200 / 1024, 0.15 * 2048 / 953], rel=1e-3)
+    # Against a full decode boxed to the same size: the same picture.
+    full = imaging._shrink(pixels.astype(np.float32))
+    values = np.frombuffer(shown.body(), dtype="<u2").reshape(1024, 953).astype(np.float64)
+    assert np.corrcoef(full[1:-1, 1:-1].ravel(), values[1:-1, 1:-1].ravel())[0, 1] > 0.99

@@ -24,7 +24,16 @@ from sqlalchemy import func, select
 
 from models.bundle import load_bundle
 from models.preprocess import Preprocessing
-from tests.conftest import DATA, MakeKey, bearer, runtime_of, shared_data, upload, wait_for
+from tests.conftest import (
+    DATA,
+    MakeKey,
+    bearer,
+    claim_and_override,
+    runtime_of,
+    shared_data,
+    upload,
+    wait_for,
+)
 from tests.misbehaving_decoder import CRASH, HANG, decode_or_misbehave
 from triage_api.app import create_app
 from triage_api.decoding import DecodePool, DecodeTask, Gate, decode_study
@@ -337,6 +346,12 @@ def test_health_and_prometheus_metrics_describe_the_fleet(client: TestClient, ma
     assert 'triage_jobs{status="done"} 1' in text
     assert 'triage_cases{status="scored"} 1' in text
     assert "triage_time_to_score_seconds_count 1" in text
+    assert "triage_queue_oldest_seconds 0.000" in text  # nothing waits
+    assert 'triage_reads_total{agreement="agree"} 0' in text
+    claim_and_override(client, bearer(make_key("radiologist", "north")), case_id)
+    text = client.get("/metrics", headers=admin).text
+    assert 'triage_reads_total{agreement="override"} 1' in text
+    assert 'triage_reads_total{agreement="agree"} 0' in text
     name = worker["name"]
     assert worker["batch_sizes"]["1"] == 1 and sum(worker["batch_sizes"].values()) == 1
     assert f'triage_worker_batch_size_bucket{{worker="{name}",le="1"}} 1' in text

@@ -22,7 +22,7 @@ from audit.copies import copied_head
 from triage_api.auth import Principal, Role
 from triage_api.deps import Runtime, RuntimeDep, allow
 from triage_api.jobs import BATCH_BUCKETS
-from triage_api.tables import Case, Job, Prediction, WorkerBeat
+from triage_api.tables import Case, Job, Prediction, Read, WorkerBeat
 from triage_api.vocab import CaseStatus, JobStatus
 
 router = APIRouter()
@@ -82,6 +82,26 @@ def _batch_size_histogram(workers: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _age(now: datetime, since: datetime | None) -> float:
+    """Seconds from ``since`` (naive: UTC, as SQLite returns it) to ``now``; 0 for None."""
+    if since is None:
+        return 0.0
+    return max(0.0, (now - (since if since.tzinfo else since.replace(tzinfo=UTC))).total_seconds())
+
+
+def _oldest_queued(session: Session) -> datetime | None:
+    """When the longest-waiting queued job became claimable (None: the queue is empty)."""
+    return session.execute(select(func.min(Job.available_at)).where(Job.status == JobStatus.QUEUED)).scalar()
+
+
+def _reads_by_agreement(session: Session) -> dict[str, int]:
+    """Reads since the start by how they relate to the AI: agreed, overrode, or AI not shown."""
+    counts = dict(
+        session.execute(select(Read.agrees_with_ai, func.count()).group_by(Read.agrees_with_ai)).all()
+    )
+    return {"agree": counts.get(True, 0), "override": counts.get(False, 0), "no_ai": counts.get(None, 0)}
+
+
 def _time_to_score(session: Session, now: datetime) -> list[float]:
     rows = session.execute(
         select(Prediction.created_at, Case.received_at)
@@ -110,8 +130,7 @@ def report(runtime: Runtime) -> dict[str, Any]:
     with runtime.reads() as session:
         jobs = _counts(session, Job.status, JobStatus)
         workers = _fleet(session, now)
-        queued = select(func.min(Job.available_at)).where(Job.status == JobStatus.QUEUED)
-        oldest = session.execute(queued).scalar()
+        oldest = _oldest_queued(session)
         audit = tail_status(session, copied_head(runtime.settings.audit_copy_path))
     alive = any(w["alive"] for w in workers)
     return {
@@ -126,10 +145,13 @@ def report(runtime: Runtime) -> dict[str, Any]:
 
 @router.get("/metrics", response_class=PlainTextResponse)
 def metrics(runtime: RuntimeDep, principal: Operator) -> str:
-    """Prometheus exposition: queue depth, cases by status, workers, batch sizes, time to score."""
+    """Prometheus exposition: queue depth and age, cases by status, reads by agreement with
+    the AI, workers, batch sizes, time to score."""
     now = datetime.now(UTC)
     with runtime.reads() as session:
         jobs = _counts(session, Job.status, JobStatus)
+        oldest = _oldest_queued(session)
+        reads = _reads_by_agreement(session)
         cases = _counts(session, Case.status, CaseStatus)
         workers = _fleet(session, now)
         waits = _time_to_score(session, now)
@@ -144,6 +166,13 @@ def metrics(runtime: RuntimeDep, principal: Operator) -> str:
         "# HELP triage_jobs Scoring jobs by status.",
         "# TYPE triage_jobs gauge",
         *(f'triage_jobs{{status="{s}"}} {n}' for s, n in jobs.items()),
+        "# HELP triage_queue_oldest_seconds How long the oldest queued study has waited (0: none).",
+        "# TYPE triage_queue_oldest_seconds gauge",
+        f"triage_queue_oldest_seconds {_age(now, oldest):.3f}",
+        "# HELP triage_reads_total Reads by agreement with the AI (override rate: override over"
+        " agree + override).",
+        "# TYPE triage_reads_total counter",
+        *(f'triage_reads_total{{agreement="{a}"}} {n}' for a, n in reads.items()),
         "# HELP triage_cases Cases by status.",
         "# TYPE triage_cases gauge",
         *(f'triage_cases{{status="{s}"}} {n}' for s, n in cases.items()),

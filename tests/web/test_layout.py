@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
@@ -64,3 +65,58 @@ def test_no_page_is_wider_than_a_phone(site: Site, browser: Any) -> None:
             for shown in times:
                 assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", shown), (path, shown)
         page.context.close()
+
+
+# Accessibility basics, checked in the page (no offline axe is at hand): every control has an
+# accessible name, the page has a language and a main landmark, every image a text
+# alternative, and text has WCAG AA contrast (4.5:1) against the first opaque background
+# behind it.
+A11Y_CHECK = (Path(__file__).parent / "a11y.js").read_text()
+
+
+def test_pages_meet_accessibility_basics(site: Site, browser: Any) -> None:
+    case_id = site.upload("up-north", 33)
+    site.wait_scored("dr-north", case_id)
+    pages = {
+        "dr-north": ["/web/worklist", f"/web/cases/{case_id}"],
+        "up-north": ["/web/clinic"],
+        "auditor": ["/web/audit", "/web/audit/log", "/web/audit/monitoring"],
+        "admin": ["/web/admin"],
+    }
+    found: dict[str, list[str]] = {}
+    for user, paths in pages.items():
+        page = site.login(browser, user)
+        for path in paths:
+            page.goto(site.base + path)
+            if path == "/web/worklist":
+                page.wait_for_selector(f"#worklist tr[data-case='{case_id}']")
+            page.wait_for_load_state("load")
+            problems = page.evaluate(A11Y_CHECK)
+            if problems:
+                found[path] = problems
+        page.context.close()
+    page = browser.new_page()
+    page.goto(site.base + "/login")
+    if problems := page.evaluate(A11Y_CHECK):
+        found["/login"] = problems
+    page.close()
+    assert not found, found
+
+
+def test_the_accessibility_check_finds_what_it_looks_for(browser: Any) -> None:
+    page = browser.new_page()
+    page.set_content(
+        '<html><body><p style="color:#bbb">pale text</p><input id="x"><img src="data:,">'
+        '<label for="y">Named</label><input id="y"><p style="color:#222">dark text</p></body></html>'
+    )
+    problems = page.evaluate(A11Y_CHECK)
+    page.close()
+    assert sorted(problems) == sorted(
+        [
+            'contrast 1.92 on "pale text"',
+            "unnamed input#x",
+            "no text alternative: img",
+            "no lang",
+            "no main landmark",
+        ]
+    )

@@ -12,7 +12,7 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from starlette.routing import BaseRoute
 
-from tests.conftest import runtime_of
+from tests.conftest import claim_and_override, runtime_of
 from triage_api import auth, passwords
 from triage_api.auth import Role
 from triage_api.db import transaction
@@ -52,6 +52,23 @@ class Site:
 
     def headers(self, user: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys[user]}"}
+
+    def read_and_appeal(self, case_id: str) -> int:
+        """``radiologist-north`` claims and reads (overriding the AI) a scored north case, then
+        ``uploader-north`` files an appeal against it; the appeal's id."""
+        claim_and_override(self.client, self.headers("radiologist-north"), case_id)
+        appeal = self.client.post(
+            "/v1/appeals",
+            json={
+                "case_id": case_id,
+                "category": "disagree_with_result",
+                "grounds": "Symptoms persist.",
+                "contact_reference": "REF-1",
+            },
+            headers=self.headers("uploader-north"),
+        )
+        assert appeal.status_code == 201, appeal.text
+        return int(appeal.json()["id"])
 
     def web(self, user: str) -> TestClient:
         """A second client on the same app, signed in to the web pages as ``user``."""

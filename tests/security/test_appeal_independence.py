@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.conftest import DATA, claim_and_override, runtime_of, upload, wait_for
+from tests.conftest import DATA, runtime_of, upload, wait_for
 from tests.security.conftest import PASSWORD, Site
 from triage_api import auth, passwords
 from triage_api.auth import Role
@@ -14,19 +14,7 @@ def _appealed_case(site: Site) -> tuple[str, int]:
     study = (DATA / "cr_chest_pa_jpeg_baseline_siim.dcm").read_bytes()
     case_id = str(upload(site.client, uploader, study).json()["id"])
     wait_for(site.client, uploader, case_id)
-    claim_and_override(site.client, site.headers("radiologist-north"), case_id)
-    appeal = site.client.post(
-        "/v1/appeals",
-        json={
-            "case_id": case_id,
-            "category": "disagree_with_result",
-            "grounds": "Symptoms persist.",
-            "contact_reference": "REF-1",
-        },
-        headers=site.headers("uploader-north"),
-    )
-    assert appeal.status_code == 201, appeal.text
-    return case_id, int(appeal.json()["id"])
+    return case_id, site.read_and_appeal(case_id)
 
 
 def _radiologist(site: Site, name: str) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import DATA, app_of, claim_and_override, upload, wait_for
+from tests.conftest import DATA, app_of, upload, wait_for
 from tests.security.conftest import Site, api_routes
 
 R, U, A, ADM = "radiologist", "uploader", "auditor", "admin"
@@ -127,16 +127,9 @@ def north(site: Site) -> dict[str, str]:
         site.client, uploader, (DATA / "cr_chest_pa_jpeg_baseline_siim.dcm").read_bytes()
     ).json()["id"]
     wait_for(site.client, uploader, case_id)
-    claim_and_override(site.client, site.headers("radiologist-north"), case_id)
-    appeal = site.client.post(
-        "/v1/appeals",
-        json={"case_id": case_id, "category": "other", "grounds": "g", "contact_reference": "r"},
-        headers=site.headers("uploader-north"),
-    )
-    assert appeal.status_code == 201, appeal.text
     return {
         "case_id": case_id,
-        "appeal_id": str(appeal.json()["id"]),
+        "appeal_id": str(site.read_and_appeal(case_id)),
         "prefix": "0123456789ab",
         "clinic": "north",
         "user_id": "987654",

@@ -9,7 +9,7 @@ import json
 import numpy as np
 from fastapi.testclient import TestClient
 
-from tests.conftest import claim_and_override, runtime_of, upload, wait_for
+from tests.conftest import runtime_of, upload, wait_for
 from tests.security.conftest import PASSWORD, Site
 from tests.synthetic import RAMP_COLUMNS, RAMP_ROWS, RAMP_SPACING, ramp_dicom, ramp_values
 from triage_api import auth, passwords
@@ -81,14 +81,7 @@ def test_pixels_follow_the_study_rules(site: Site) -> None:
 
 def test_the_blinded_reader_gets_pixels_through_the_appeal_only(site: Site) -> None:
     case_id = _case(site, ramp_dicom())
-    claim_and_override(site.client, site.headers("radiologist-north"), case_id)
-    appeal = site.client.post(
-        "/v1/appeals",
-        json={"case_id": case_id, "category": "other", "grounds": "g", "contact_reference": "r"},
-        headers=site.headers("uploader-north"),
-    )
-    assert appeal.status_code == 201, appeal.text
-    appeal_id = appeal.json()["id"]
+    appeal_id = site.read_and_appeal(case_id)
     with transaction(runtime_of(site.client).factory) as session:
         second, _ = auth.add_user(session, name="second-north", role=Role.RADIOLOGIST, clinics=["north"])
         passwords.set_password(session, second, PASSWORD)

@@ -10,7 +10,7 @@ import pydicom
 from sqlalchemy import select
 
 from audit.log import AuditEvent
-from tests.conftest import DATA, claim_and_override, runtime_of, upload, wait_for
+from tests.conftest import DATA, runtime_of, upload, wait_for
 from tests.security.conftest import Site
 
 IDENTITY = (b"Doe^Jane", b"PID-31337", b"19700101")
@@ -54,17 +54,7 @@ def test_the_appeal_image_is_pixels_only(site: Site) -> None:
     uploader = site.keys["uploader-north"]
     case_id = upload(site.client, uploader, _identified_study()).json()["id"]
     wait_for(site.client, uploader, case_id)
-    claim_and_override(site.client, site.headers("radiologist-north"), case_id)
-    appeal = site.client.post(
-        "/v1/appeals",
-        json={
-            "case_id": case_id,
-            "category": "disagree_with_result",
-            "grounds": "g",
-            "contact_reference": "r",
-        },
-        headers=site.headers("uploader-north"),
-    ).json()
+    appeal_id = site.read_and_appeal(case_id)
     admin = site.headers("site-admin")
     with runtime_of(site.client).factory() as session:
         from triage_api import auth
@@ -73,10 +63,8 @@ def test_the_appeal_image_is_pixels_only(site: Site) -> None:
         user, key = auth.add_user(session, name="second", role=Role.RADIOLOGIST, clinics=["north"])
         session.commit()
         second_id = user.id
-    taken = site.client.post(
-        f"/v1/appeals/{appeal['id']}/assign", json={"reader_id": second_id}, headers=admin
-    )
+    taken = site.client.post(f"/v1/appeals/{appeal_id}/assign", json={"reader_id": second_id}, headers=admin)
     assert taken.status_code == 200, taken.text
-    image = site.client.get(f"/v1/appeals/{appeal['id']}/image", headers={"Authorization": f"Bearer {key}"})
+    image = site.client.get(f"/v1/appeals/{appeal_id}/image", headers={"Authorization": f"Bearer {key}"})
     assert image.status_code == 200 and image.content.startswith(PNG)
     assert not [v for v in IDENTITY if v in image.content]

@@ -25,20 +25,22 @@ def test_unknown_browser_paths_get_an_html_page_and_api_paths_json(client: TestC
     assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
 
 
+def desk_pages(case_id: str) -> dict[str, list[str]]:
+    """Every desk's pages, by the user who opens them."""
+    return {
+        "dr-north": ["/web/worklist", f"/web/cases/{case_id}"],
+        "up-north": ["/web/clinic"],
+        "auditor": ["/web/audit", "/web/audit/log", "/web/audit/monitoring"],
+        "admin": ["/web/admin"],
+    }
+
+
 def test_no_page_is_wider_than_a_phone(site: Site, browser: Any) -> None:
     case_id = site.upload("up-north", 31)
     site.wait_scored("dr-north", case_id)
-    pages = {
-        "dr-north": ["/web/worklist", f"/web/cases/{case_id}"],
-        "up-north": ["/web/clinic"],
-        "auditor": [
-            "/web/audit",
-            "/web/audit/log",
-            "/web/audit/log?since=2020-01-01&actor=admin&action=user.create",
-            "/web/audit/monitoring",
-        ],
-        "admin": ["/web/admin", "/web/nothing-here"],
-    }
+    pages = desk_pages(case_id)
+    pages["auditor"].append("/web/audit/log?since=2020-01-01&actor=admin&action=user.create")
+    pages["admin"].append("/web/nothing-here")
     for user, paths in pages.items():
         page = site.login(browser, user)
         page.set_viewport_size(PHONE)
@@ -77,12 +79,7 @@ A11Y_CHECK = (Path(__file__).parent / "a11y.js").read_text()
 def test_pages_meet_accessibility_basics(site: Site, browser: Any) -> None:
     case_id = site.upload("up-north", 33)
     site.wait_scored("dr-north", case_id)
-    pages = {
-        "dr-north": ["/web/worklist", f"/web/cases/{case_id}"],
-        "up-north": ["/web/clinic"],
-        "auditor": ["/web/audit", "/web/audit/log", "/web/audit/monitoring"],
-        "admin": ["/web/admin"],
-    }
+    pages = desk_pages(case_id)
     found: dict[str, list[str]] = {}
     for user, paths in pages.items():
         page = site.login(browser, user)
